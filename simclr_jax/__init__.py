@@ -1,0 +1,1 @@
+"""SimCLR in JAX/Flax: pretrain, probe and fine-tune ResNet encoders on any number of devices."""
