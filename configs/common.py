@@ -1,0 +1,92 @@
+"""Defaults shared by the pretraining recipes, and the `smoke` shrink every recipe offers.
+
+A recipe starts from `pretrain_config()`, sets what its paper/official command sets, and passes
+its variant name through `select_variant`, so `--config=configs/<recipe>.py:<variant>` fails with
+the list of variants when a name is misspelt.
+"""
+from typing import Callable, Mapping
+
+import ml_collections
+
+from simclr_jax import augment
+
+# The package's generated dataset: no download, prepared into data_dir on first use.
+SMOKE_DATASET = "synthetic_shapes"
+
+
+def model_config(depth: int = 18, width_multiplier: float = 1.0, *,
+                 cifar_stem: bool = False) -> ml_collections.ConfigDict:
+  """`config.model` (the contract's fields; the same dict is stored in encoder exports)."""
+  return ml_collections.ConfigDict(dict(
+      depth=depth, width_multiplier=width_multiplier, cifar_stem=cifar_stem, sk_ratio=0.0,
+      tf_same_padding=False, head_layers=2, head_hidden_dim=0, projection_dim=128,
+      bn_momentum=0.9, bn_epsilon=1e-5))
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """Every field `simclr_jax.train.pretrain` reads, with neutral values a recipe overrides."""
+  config = ml_collections.ConfigDict()
+  config.mode = "pretrain"
+  config.seed = 0
+  config.dataset = SMOKE_DATASET
+  config.data_dir = ""             # '' = TFDS's default data_dir (~/tensorflow_datasets)
+  config.train_split = "train"
+  config.eval_split = "test"       # held-out split of the k-NN monitor
+  config.image_size = 32
+  config.host_crop_views = 0       # 0: the device crops both views; 2: the host crops them
+  # Independent input streams the global batch is made of (0 = one per process). Fix it (e.g.
+  # to the largest process count you will use) to get the same batches on any process layout.
+  config.data_shards = 0
+  config.model = model_config()
+  config.augment = augment.get_preset("simclr_cifar")
+  config.dtype = "float32"         # compute dtype; params, BN statistics and the loss stay float32
+  config.global_batch_size = 512
+  config.num_epochs = 100.0
+  config.num_train_steps = 0       # > 0 overrides num_epochs
+  config.temperature = 0.5
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="lars", base_learning_rate=0.3, lr_scaling="linear", warmup_epochs=10.0,
+      weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001))
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  # Weighted k-NN on h (k=200, T=0.1, cosine) every knn_every_steps (0 = never) and at the end,
+  # with a memory bank of the first knn_train_examples train images (0 = all) scored on the first
+  # knn_eval_examples held-out images (0 = all).
+  config.knn_every_steps = 0
+  config.knn_train_examples = 0
+  config.knn_eval_examples = 0
+  config.knn_k = 200
+  config.knn_temperature = 0.1
+  return config
+
+
+def shrink_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A recipe's smoke form: same code paths, tiny ResNet-18, generated data, a few steps."""
+  config.dataset = SMOKE_DATASET
+  config.data_dir = ""
+  config.image_size = 32
+  config.model.depth = 18
+  config.model.width_multiplier = 0.125
+  config.global_batch_size = 32
+  config.num_train_steps = 20
+  config.optimizer.base_learning_rate = 0.075   # the paper's square-root rule for small batches
+  config.optimizer.lr_scaling = "sqrt"
+  config.optimizer.warmup_epochs = 0.0
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 10
+  config.keep_checkpoints = 2
+  config.knn_every_steps = 10
+  config.knn_train_examples = 512
+  config.knn_eval_examples = 256
+  config.knn_k = 20
+  return config
+
+
+def select_variant(variant: str | None, variants: Mapping[str, Callable[[], object]],
+                   default: str) -> ml_collections.ConfigDict:
+  """Calls the builder named `variant` (or `default`), or fails naming the allowed ones."""
+  name = variant or default
+  if name not in variants:
+    raise ValueError(f"unknown config variant {name!r}; allowed: {', '.join(sorted(variants))}")
+  return variants[name]()

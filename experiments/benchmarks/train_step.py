@@ -1,0 +1,218 @@
+r"""Pretraining step speed against this machine's float32 matmul ceiling and a PyTorch peer.
+
+  python experiments/benchmarks/train_step.py [--widths=0.25,0.5,1] [--batch_size=64]
+      [--steps=2] [--repeats=3] [--resnet50] [--torch_python=/path/to/venv/bin/python]
+
+For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
+builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
+the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('sgd') and no
+augmentation unless --augment names a preset) on one device, and reports image pairs/s and model
+FLOP/s: XLA's cost analysis of the compiled step divided by the measured step time. Two baselines are measured in the same run, so the
+ratios hold even on a loaded machine:
+  (a) the ceiling: a float32 square matmul under XLA (GFLOP/s = 2 n^3 / time);
+  (b) the peer: the same network, loss and optimizer in plain PyTorch float32 on the same CPU
+      (torch_peer.py, run with --torch_python, an interpreter that has torch: see
+      requirements-torch.txt). The peer's FLOP/s use the same XLA flop count.
+Times are the best of --repeats windows of --steps steps after a warm-up step (other processes
+only ever add time). Inputs are random: augmentation and input throughput are measured elsewhere.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO_ROOT)
+from simclr_jax import augment, models, optim, train  # noqa: E402
+
+NUM_CLASSES = 10
+TEMPERATURE = 0.5
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
+
+
+def model_config(depth: int, width_multiplier: float, cifar_stem: bool) -> dict:
+  return {"depth": depth, "width_multiplier": width_multiplier, "cifar_stem": cifar_stem}
+
+
+def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int,
+                        augment_preset: str = "none", seed: int = 0
+                        ) -> tuple[Callable, tuple[Any, Any]]:
+  """The trainer's own update step (simclr_jax.train.make_train_step) on one device, with SGD.
+
+  Returns (step, (state, batch)); step(state, batch) -> (state, metrics) donates the state, as in
+  training. The batch holds random uint8 images; `augment_preset` 'none' leaves only the uint8 to
+  float conversion, so the step is the model, loss and optimizer the PyTorch peer runs.
+  """
+  mesh = jax.make_mesh((1,), (train.DATA_AXIS,), devices=jax.devices()[:1])
+  model = models.create_model(model_config_, num_classes=NUM_CLASSES, axis_name=train.DATA_AXIS)
+  learning_rate = optax.constant_schedule(0.1)
+  optimizer = optim.create_optimizer("sgd", learning_rate, weight_decay=1e-6, momentum=0.9)
+  augment_view = augment.build_augmentation(augment.get_preset(augment_preset), image_size)
+  state = train.create_train_state(model, optimizer, seed=seed, image_size=image_size, mesh=mesh)
+  rng = np.random.default_rng(seed)
+  batch = jax.device_put({
+      "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
+      "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+      "index": np.arange(batch_size, dtype=np.int32),
+  }, jax.NamedSharding(mesh, jax.P(train.DATA_AXIS)))
+  step = train.make_train_step(model, optimizer, augment_view, temperature=TEMPERATURE,
+                               learning_rate_fn=learning_rate, mesh=mesh)
+  return step, (state, batch)
+
+
+def best_seconds_per_call(run: Callable[[], Any], *, calls: int, repeats: int,
+                          warmup: int = 1) -> float:
+  """Best (min) over `repeats` windows of the mean time per call; run() must block."""
+  for _ in range(warmup):
+    run()
+  windows = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      run()
+    windows.append((time.perf_counter() - start) / calls)
+  return min(windows)
+
+
+def flops_of(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device program
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
+def measure_matmul(size: int, repeats: int) -> float:
+  """GFLOP/s of an XLA float32 [size, size] @ [size, size]."""
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
+  matmul = jax.jit(jnp.matmul)
+  seconds = best_seconds_per_call(lambda: matmul(a, b).block_until_ready(), calls=3,
+                                  repeats=repeats)
+  return 2 * size**3 / seconds / 1e9
+
+
+def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, repeats: int,
+                augment_preset: str) -> dict:
+  step, (state, batch) = build_pretrain_step(config, batch_size=batch_size,
+                                             image_size=image_size, augment_preset=augment_preset)
+  compiled = step.lower(state, batch).compile()
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch)
+    metrics["loss"].block_until_ready()
+
+  seconds = best_seconds_per_call(run, calls=steps, repeats=repeats)
+  return {"seconds": seconds, "flops": flops_of(compiled)}
+
+
+def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_size: int,
+                  steps: int, repeats: int) -> dict:
+  command = [torch_python, PEER_SCRIPT, f"--depth={config['depth']}",
+             f"--width_multiplier={config['width_multiplier']}", f"--image_size={image_size}",
+             f"--batch_size={batch_size}", f"--num_classes={NUM_CLASSES}", f"--steps={steps}",
+             f"--repeats={repeats}"] + (["--cifar_stem"] if config["cifar_stem"] else [])
+  completed = subprocess.run(command, capture_output=True, text=True, check=False)
+  if completed.returncode != 0:
+    raise RuntimeError(f"the PyTorch peer failed ({' '.join(command)}):\n{completed.stderr}")
+  result = json.loads(completed.stdout.strip().splitlines()[-1])
+  return {"seconds": result["seconds_per_step"], "torch": result["torch"],
+          "threads": result["threads"]}
+
+
+def check_torch_python(torch_python: str) -> None:
+  """Fails before any measurement if the peer's interpreter cannot import torch."""
+  try:
+    completed = subprocess.run([torch_python, "-c", "import torch"], capture_output=True,
+                               text=True, check=False)
+  except OSError as e:
+    raise ValueError(f"--torch_python={torch_python!r} cannot be run ({e})") from e
+  if completed.returncode != 0:
+    raise ValueError(f"--torch_python={torch_python!r} cannot import torch; install it with "
+                     "`python3 -m venv VENV && VENV/bin/pip install -r "
+                     "experiments/benchmarks/requirements-torch.txt`")
+
+
+def table(rows: list[dict], ceiling_gflops: float, has_peer: bool) -> str:
+  header = ["model", "pairs/step", "JAX pairs/s", "JAX GFLOP/s", "JAX % of matmul"]
+  if has_peer:
+    header += ["PyTorch pairs/s", "PyTorch % of matmul", "JAX / PyTorch"]
+  lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+  for r in rows:
+    jax_gflops = r["flops"] / r["jax_seconds"] / 1e9
+    cells = [r["name"], f"{r['batch_size']}", f"{r['batch_size'] / r['jax_seconds']:.1f}",
+             f"{jax_gflops:.1f}", f"{100 * jax_gflops / ceiling_gflops:.0f}%"]
+    if has_peer:
+      torch_gflops = r["flops"] / r["torch_seconds"] / 1e9
+      cells += [f"{r['batch_size'] / r['torch_seconds']:.1f}",
+                f"{100 * torch_gflops / ceiling_gflops:.0f}%",
+                f"{r['torch_seconds'] / r['jax_seconds']:.2f}x"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--widths", default="0.25,0.5,1", help="CIFAR ResNet-18 width multipliers")
+  parser.add_argument("--batch_size", type=int, default=64, help="image pairs per step")
+  parser.add_argument("--steps", type=int, default=2, help="steps per timed window")
+  parser.add_argument("--repeats", type=int, default=3, help="timed windows; the best is kept")
+  parser.add_argument("--resnet50", action="store_true",
+                      help="add a ResNet-50 at 224 px (slow: --resnet50_batch_size pairs)")
+  parser.add_argument("--resnet50_batch_size", type=int, default=8)
+  parser.add_argument("--matmul_size", type=int, default=2048)
+  parser.add_argument("--augment", default="none",
+                      help="augmentation preset inside the JAX step (the peer never augments)")
+  parser.add_argument("--torch_python", default="",
+                      help="interpreter with torch for the PyTorch peer (omit to skip the peer)")
+  args = parser.parse_args(argv)
+  if args.torch_python:
+    check_torch_python(args.torch_python)
+
+  widths = [float(w) for w in args.widths.split(",")]
+  runs = [(f"ResNet-18 CIFAR w={w:g}, 32 px", model_config(18, w, True), args.batch_size, 32)
+          for w in widths]
+  if args.resnet50:
+    runs.append(("ResNet-50 w=1, 224 px", model_config(50, 1.0, False), args.resnet50_batch_size,
+                 224))
+  ceilings = [measure_matmul(args.matmul_size, args.repeats)]
+  rows = []
+  for name, config, batch_size, image_size in runs:
+    timing = dict(steps=args.steps, repeats=args.repeats, batch_size=batch_size,
+                  image_size=image_size)
+    jax_result = measure_jax(config, augment_preset=args.augment, **timing)
+    row = {"name": name, "batch_size": batch_size, "flops": jax_result["flops"],
+           "jax_seconds": jax_result["seconds"]}
+    if args.torch_python:
+      torch_result = measure_torch(args.torch_python, config, **timing)
+      row["torch_seconds"] = torch_result["seconds"]
+      peer = f"PyTorch {torch_result['torch']} with {torch_result['threads']} threads"
+    rows.append(row)
+    print(f"measured {name}", file=sys.stderr, flush=True)
+  ceilings.append(measure_matmul(args.matmul_size, args.repeats))
+  ceiling = max(ceilings)
+  print(f"SimCLR pretraining step (simclr_jax.train.make_train_step, float32, SGD, NT-Xent + "
+        f"online probe, augment={args.augment!r}), jax {jax.__version__} "
+        f"on {jax.devices()[0].platform} x{os.cpu_count()} cores, "
+        f"{datetime.date.today().isoformat()}. Ceiling: XLA float32 {args.matmul_size}^3 matmul "
+        f"{ceiling:.0f} GFLOP/s (best of before/after: "
+        f"{', '.join(f'{c:.0f}' for c in ceilings)})"
+        + (f"; peer: {peer}." if args.torch_python else "; no PyTorch peer (--torch_python)."))
+  print()
+  print(table(rows, ceiling, bool(args.torch_python)))
+
+
+if __name__ == "__main__":
+  try:
+    main(sys.argv[1:])
+  except ValueError as error:
+    sys.exit(f"train_step.py: error: {error}")

@@ -1,0 +1,585 @@
+"""On-device augmentations: pure functions of (PRNG key, image), one key per image and view.
+
+Every function takes one float32 image [H, W, 3] in [0, 1] and is jittable; `jax.vmap` it over a
+batch of keys and images. Because each view's randomness comes only from its own key (the trainer
+derives it from the step and the image's global index), views are reproducible and do not depend
+on how the batch is split over devices.
+
+A pipeline is a config: `ops`, an ordered tuple of op names, plus one sub-config of parameters per
+op (defaults in `OP_DEFAULTS`). `get_preset` gives the official recipes, `make_config` a free list,
+`validate` rejects bad configs before training, and `build_augmentation` turns a config into the
+`(key, image) -> image` function the train step vmaps.
+
+The SimCLR numbers follow google-research/simclr `data_util.py`: random resized crop sampled like
+`tf.image.sample_distorted_bounding_box` (area [0.08, 1], aspect ratio [3/4, 4/3], 100 attempts,
+whole image as fallback) with a bicubic resize; flip p=0.5; colour jitter p=0.8 with strength s
+(brightness, contrast and saturation factors U[1-0.8s, 1+0.8s], hue shift U[-0.2s, 0.2s], random
+order, clip after each); grayscale p=0.2; Gaussian blur p=0.5 with a kernel of 10% of the side and
+sigma U[0.1, 2]. The colour ops are dm-pix's, which equal their `tf.image` namesakes.
+"""
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# Every op and its default parameters. `p` is the probability of applying the op: one number for
+# all views, or one number per view (e.g. SimCLRv2/BYOL-style blur `p=(1.0, 0.1)`), picked by the
+# `view` argument of the function `build_augmentation` returns.
+OP_DEFAULTS = {
+    # Official SimCLR set.
+    "random_resized_crop": dict(p=1.0, area_min=0.08, area_max=1.0, aspect_ratio_min=3 / 4,
+                                aspect_ratio_max=4 / 3, max_attempts=100, min_object_covered=0.1),
+    "flip": dict(p=0.5),
+    "color_jitter": dict(p=0.8, strength=1.0, brightness_impl="simclrv2", random_order=True),
+    "grayscale": dict(p=0.2),
+    "blur": dict(p=0.5, kernel_fraction=0.1, sigma_min=0.1, sigma_max=2.0),
+    "solarize": dict(p=0.2, threshold=0.5),
+    # Extras tried by the CIFAR-100 reproduction.
+    "center_crop": dict(p=1.0, proportion=0.875),
+    "rotate90": dict(p=0.5),
+    "cutout": dict(p=0.5, size=0.5),
+    "gaussian_noise": dict(p=0.5, std=0.05),
+    "sobel": dict(p=0.5),
+}
+
+PRESETS = {
+    "simclr_imagenet": (("random_resized_crop", {}), ("flip", {}),
+                        ("color_jitter", {"strength": 1.0}), ("grayscale", {}), ("blur", {})),
+    "simclr_cifar": (("random_resized_crop", {}), ("flip", {}),
+                     ("color_jitter", {"strength": 0.5}), ("grayscale", {})),
+    "crop_flip": (("random_resized_crop", {}), ("flip", {})),
+    "none": (),
+}
+
+BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # multiplicative factor / additive delta
+# Contrast and saturation factors 1 ± 0.8s must stay non-negative (tf.image.random_contrast).
+MAX_JITTER_STRENGTH = 1.25
+
+Augmentation = Callable[..., jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour ops, each equal to its tf.image counterpart (the tests check this to 1e-4).
+#
+# Saturation and hue are written on RGB planes instead of dm-pix's HSV round trip: saturation
+# becomes one division per pixel, and the random-order jitter can pick its op per image with
+# scalar selects (under vmap, `lax.switch` on a per-image index would run all four ops at each
+# of the four steps).
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op codes of `apply_color_jitter`'s `order`
+
+adjust_brightness = pix.adjust_brightness  # additive delta: tf.image.adjust_brightness (SimCLR v1)
+adjust_contrast = pix.adjust_contrast
+
+
+def scale_brightness(image: jax.Array, factor) -> jax.Array:
+  """SimCLR v2 brightness: a multiplicative factor instead of tf.image's additive delta."""
+  return image * factor
+
+
+def to_grayscale(image: jax.Array) -> jax.Array:
+  """tf.image.rgb_to_grayscale (Rec. 601 luma), tiled back to 3 channels like the official code."""
+  return pix.rgb_to_grayscale(image, keep_dims=True)
+
+
+def _saturation_gain(red, green, blue, factor):
+  """(gain, value) such that `value + gain * (channel - value)` is tf.image.adjust_saturation.
+
+  With hue and value fixed, every channel is `value - saturation * value * const`, so scaling the
+  saturation by `factor` (clipped at 1, i.e. gain <= value / chroma) scales `channel - value`.
+  """
+  value = jnp.maximum(jnp.maximum(red, green), blue)
+  chroma = value - jnp.minimum(jnp.minimum(red, green), blue)
+  has_chroma = chroma > 0
+  gain = jnp.where(has_chroma, jnp.minimum(factor, value / jnp.where(has_chroma, chroma, 1.0)),
+                   1.0)
+  return gain, value
+
+
+def adjust_saturation(image: jax.Array, factor) -> jax.Array:
+  """tf.image.adjust_saturation: saturation x factor (clipped to [0, 1]), same hue and value."""
+  gain, value = _saturation_gain(image[..., 0], image[..., 1], image[..., 2], factor)
+  return value[..., None] + gain[..., None] * (image - value[..., None])
+
+
+def _hue_planes(red, green, blue, delta):
+  """tf.image.adjust_hue on RGB planes: hue + delta (in turns), same saturation and value."""
+  value = jnp.maximum(jnp.maximum(red, green), blue)
+  minimum = jnp.minimum(jnp.minimum(red, green), blue)
+  chroma = value - minimum
+  inverse_chroma = 1.0 / jnp.where(chroma > 0, chroma, 1.0)
+  sextant = jnp.where(value == green, (blue - red) * inverse_chroma + 2.0,
+                      (red - green) * inverse_chroma + 4.0)
+  sextant = jnp.where(value == red, (green - blue) * inverse_chroma, sextant)
+  sextant = sextant + 6.0 * delta
+  sextant -= 6.0 * jnp.floor(sextant / 6.0)  # wrap to [0, 6); jnp.mod is 3x slower on CPU
+  return (minimum + chroma * jnp.clip(jnp.abs(sextant - 3.0) - 1.0, 0.0, 1.0),
+          minimum + chroma * jnp.clip(2.0 - jnp.abs(sextant - 2.0), 0.0, 1.0),
+          minimum + chroma * jnp.clip(2.0 - jnp.abs(sextant - 4.0), 0.0, 1.0))
+
+
+def adjust_hue(image: jax.Array, delta) -> jax.Array:
+  """tf.image.adjust_hue: rotates the hue by `delta` turns, in [-1, 1]."""
+  return jnp.stack(_hue_planes(image[..., 0], image[..., 1], image[..., 2], delta), axis=-1)
+
+
+def _gain_shift_step(planes, code, *, brightness, contrast, saturation, brightness_impl):
+  """Brightness, contrast or saturation (by the traced `code`; HUE means none), then clip.
+
+  All three are `gain * channel + shift`: brightness a scalar gain (v2) or shift (v1), contrast
+  gain c and shift (1 - c) * channel mean, saturation a per-pixel gain and shift.
+  """
+  saturation_gain, value = _saturation_gain(*planes, saturation)
+  brightness_gain, brightness_shift = ((brightness, 0.0) if brightness_impl == "simclrv2"
+                                       else (1.0, brightness))
+  is_saturation = code == SATURATION
+  gain = jnp.where(is_saturation, saturation_gain,
+                   jnp.select([code == BRIGHTNESS, code == CONTRAST], [brightness_gain, contrast],
+                              1.0))
+  saturation_shift = (1.0 - saturation_gain) * value
+  adjusted = []
+  for plane in planes:
+    shift = jnp.select([code == BRIGHTNESS, code == CONTRAST],
+                       [brightness_shift, (1.0 - contrast) * jnp.mean(plane)], 0.0)
+    shift = jnp.where(is_saturation, saturation_shift, shift)
+    adjusted.append(jnp.clip(gain * plane + shift, 0.0, 1.0))
+  return tuple(adjusted)
+
+
+def apply_color_jitter(image: jax.Array, order: jax.Array, *, brightness, contrast, saturation,
+                       hue, brightness_impl: str = "simclrv2") -> jax.Array:
+  """The four colour ops with given factors in `order` (a permutation of BRIGHTNESS, CONTRAST,
+  SATURATION, HUE), clipping to [0, 1] after each, as the official `color_jitter_rand`.
+
+  `brightness` is a factor (simclrv2) or a delta (simclrv1). The order may be traced: the ops
+  before the hue run as three gain/shift steps, then the hue, then three more steps, the unused
+  steps doing nothing. The steps run in `lax.scan`s because XLA on CPU would otherwise fuse
+  them into each other, recomputing every earlier step for each output plane.
+  """
+  order = jnp.asarray(order)
+  hue_position = jnp.argmax(order == HUE)
+  slots = jnp.arange(3)
+  before_hue = jnp.where(slots < hue_position, order[:3], HUE)
+  after_position = hue_position + 1 + slots
+  after_hue = jnp.where(after_position < 4, order[jnp.minimum(after_position, 3)], HUE)
+
+  def step(planes, code):
+    return _gain_shift_step(planes, code, brightness=brightness, contrast=contrast,
+                            saturation=saturation, brightness_impl=brightness_impl), None
+
+  planes = (image[..., 0], image[..., 1], image[..., 2])
+  planes, _ = jax.lax.scan(step, planes, before_hue)
+  planes = tuple(jnp.clip(plane, 0.0, 1.0) for plane in _hue_planes(*planes, hue))
+  planes, _ = jax.lax.scan(step, planes, after_hue)
+  return jnp.stack(planes, axis=-1)
+
+
+def color_jitter(key: jax.Array, image: jax.Array, *, strength: float,
+                 brightness_impl: str = "simclrv2", random_order: bool = True) -> jax.Array:
+  """The official colour distortion: brightness, contrast and saturation factors U[1-0.8s,
+  1+0.8s] (v1 brightness: delta U[-0.8s, 0.8s]), hue shift U[-0.2s, 0.2s], random order."""
+  k_brightness, k_contrast, k_saturation, k_hue, k_order = jax.random.split(key, 5)
+  amount = 0.8 * strength
+  if brightness_impl == "simclrv2":
+    brightness = jax.random.uniform(k_brightness, minval=max(1.0 - amount, 0.0),
+                                    maxval=1.0 + amount)
+  else:
+    brightness = jax.random.uniform(k_brightness, minval=-amount, maxval=amount)
+  order = jax.random.permutation(k_order, 4) if random_order else jnp.arange(4)
+  return apply_color_jitter(
+      image, order, brightness=brightness,
+      contrast=jax.random.uniform(k_contrast, minval=1.0 - amount, maxval=1.0 + amount),
+      saturation=jax.random.uniform(k_saturation, minval=1.0 - amount, maxval=1.0 + amount),
+      hue=jax.random.uniform(k_hue, minval=-0.2 * strength, maxval=0.2 * strength),
+      brightness_impl=brightness_impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry.
+
+def sample_crop_box(key: jax.Array, height: int, width: int, *, area_range=(0.08, 1.0),
+                    aspect_ratio_range=(3 / 4, 4 / 3), max_attempts: int = 100,
+                    min_object_covered: float = 0.1) -> jax.Array:
+  """Samples a crop `[top, left, crop_height, crop_width]` (int32) like the official code.
+
+  Vectorised `tf.image.sample_distorted_bounding_box` with the whole image as the object box:
+  every attempt draws an aspect ratio (width/height) uniformly, then an integer height uniformly
+  between the heights giving the minimum and the maximum area, rounds the width, and is rejected
+  if it leaves the area range, the image, or covers less than `min_object_covered` of it. All
+  attempts are drawn at once and the first valid one is kept; none valid gives the whole image.
+  As in TF, offsets are uniform in [0, side - crop_side) (so only a full-size crop reaches the
+  last row or column).
+  """
+  k_ratio, k_height, k_top, k_left = jax.random.split(key, 4)
+  ratio = jax.random.uniform(k_ratio, (max_attempts,), minval=aspect_ratio_range[0],
+                             maxval=aspect_ratio_range[1])
+  image_area = float(height * width)
+  min_area = jnp.float32(area_range[0] * image_area)
+  max_area = jnp.float32(area_range[1] * image_area)
+  crop_height = jnp.round(jnp.sqrt(min_area / ratio))
+  max_height = jnp.round(jnp.sqrt(max_area / ratio))
+  # Largest height whose rounded width still fits in the image.
+  fitting_height = jnp.floor((width + 0.5 - 1e-7) / ratio)
+  fitting_height = jnp.where(jnp.round(fitting_height * ratio) > width, fitting_height - 1,
+                             fitting_height)
+  max_height = jnp.where(jnp.round(max_height * ratio) > width, fitting_height, max_height)
+  max_height = jnp.minimum(max_height, height)
+  crop_height = jnp.minimum(crop_height, max_height)
+  crop_height += jnp.floor(jax.random.uniform(k_height, (max_attempts,))
+                           * (max_height - crop_height + 1))
+  crop_width = jnp.round(crop_height * ratio)
+  # TF's repair of rounding errors: one step up if too small, then one step down if too large.
+  too_small = crop_width * crop_height < min_area
+  crop_height = jnp.where(too_small, crop_height + 1, crop_height)
+  crop_width = jnp.round(crop_height * ratio)
+  too_large = crop_width * crop_height > max_area
+  crop_height = jnp.where(too_large, crop_height - 1, crop_height)
+  crop_width = jnp.round(crop_height * ratio)
+  area = crop_width * crop_height
+  valid = ((area >= min_area) & (area <= max_area) & (crop_width <= width)
+           & (crop_height <= height) & (crop_width > 0) & (crop_height > 0)
+           & (area / image_area >= min_object_covered))
+  first = jnp.argmax(valid)
+  found = valid[first]
+  crop_height = jnp.where(found, crop_height[first], height).astype(jnp.int32)
+  crop_width = jnp.where(found, crop_width[first], width).astype(jnp.int32)
+  top = jnp.floor(jax.random.uniform(k_top) * (height - crop_height)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_left) * (width - crop_width)).astype(jnp.int32)
+  return jnp.stack([top, left, crop_height, crop_width])
+
+
+def center_crop_box(height: int, width: int, proportion: float) -> jax.Array:
+  """The official eval crop: a square keeping `proportion` of the shorter side, centred."""
+  side = int(round(proportion * min(height, width)))
+  return jnp.array([(height - side + 1) // 2, (width - side + 1) // 2, side, side], jnp.int32)
+
+
+def _keys_cubic(distance):
+  """Keys' cubic convolution kernel with a = -0.5 (jax.image 'cubic', tf.image.resize bicubic)."""
+  distance = jnp.abs(distance)
+  return jnp.where(distance <= 1.0, (1.5 * distance - 2.5) * distance * distance + 1.0,
+                   jnp.where(distance < 2.0,
+                             ((-0.5 * distance + 2.5) * distance - 4.0) * distance + 2.0, 0.0))
+
+
+def _resize_weights(start, length, input_size: int, output_size: int):
+  """[output_size, input_size] bicubic weights sampling [start, start + length) (half-pixel
+  centres, antialiased when shrinking), equal to jax.image.scale_and_translate's."""
+  scale = length / output_size
+  centres = start + (jnp.arange(output_size, dtype=jnp.float32) + 0.5) * scale - 0.5
+  distance = centres[:, None] - jnp.arange(input_size, dtype=jnp.float32)[None, :]
+  weights = _keys_cubic(distance / jnp.maximum(scale, 1.0))
+  return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """Bicubic resize of `image[top:top+h, left:left+w]` to size x size; the box may be traced.
+
+  Two plain matmuls with per-image weight matrices (what jax.image.scale_and_translate does, but
+  laid out so the batched matmuls under vmap stay canonical, ~2.5x faster on CPU).
+  """
+  height, width, channels = image.shape
+  box = box.astype(jnp.float32)
+  rows = _resize_weights(box[0], box[2], height, size)
+  cols = _resize_weights(box[1], box[3], width, size)
+  matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no bf16 on TPU
+  resized = matmul(rows, image.reshape(height, width * channels)).reshape(size, width, channels)
+  resized = jnp.transpose(resized, (1, 0, 2)).reshape(width, size * channels)
+  resized = matmul(cols, resized).reshape(size, size, channels)
+  return jnp.transpose(resized, (1, 0, 2))
+
+
+def resize(image: jax.Array, size: int) -> jax.Array:
+  """Bicubic resize of the whole image to size x size (no-op when it already has that size)."""
+  if image.shape[:2] == (size, size):
+    return image
+  return jax.image.resize(image, (size, size, image.shape[-1]), method="cubic")
+
+
+def rotate90(key: jax.Array, image: jax.Array) -> jax.Array:
+  """Rotates a square image by 90, 180 or 270 degrees, each equally likely."""
+  if image.shape[0] != image.shape[1]:
+    raise ValueError(f"rotate90 needs a square image, got {image.shape[:2]}: put it after a crop")
+  turns = jax.random.randint(key, (), 0, 3)
+  return jax.lax.switch(turns, [lambda x, k=k: jnp.rot90(x, k, axes=(0, 1)) for k in (1, 2, 3)],
+                        image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other ops.
+
+def blur_with_sigma(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
+  """The official `gaussian_blur`: separable Gaussian of 2 * (kernel_size // 2) + 1 taps, zero
+  padding ('SAME'). Sums of shifted images instead of dm-pix's depthwise convolution, which vmap
+  turns into a grouped convolution ~40x slower on CPU; the result is the same."""
+  radius = kernel_size // 2
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  taps = jnp.exp(-offsets ** 2 / (2.0 * jnp.square(sigma)))
+  taps = taps / jnp.sum(taps)
+  height, width = image.shape[:2]
+  padded = jnp.pad(image, ((0, 0), (radius, radius), (0, 0)))
+  image = sum(taps[t] * padded[:, t:t + width] for t in range(2 * radius + 1))
+  padded = jnp.pad(image, ((radius, radius), (0, 0), (0, 0)))
+  return sum(taps[t] * padded[t:t + height] for t in range(2 * radius + 1))
+
+
+def gaussian_blur(key: jax.Array, image: jax.Array, *, kernel_fraction: float, sigma_min: float,
+                  sigma_max: float) -> jax.Array:
+  """The official random blur: kernel `kernel_fraction` of the height, sigma U[min, max]."""
+  sigma = jax.random.uniform(key, minval=sigma_min, maxval=sigma_max)
+  return jnp.clip(blur_with_sigma(image, sigma, int(image.shape[0] * kernel_fraction)), 0.0, 1.0)
+
+
+def cutout(image: jax.Array, center_y, center_x, side: int) -> jax.Array:
+  """Zeroes a side x side square centred at (center_y, center_x), clipped at the borders."""
+  rows = jnp.arange(image.shape[0])[:, None] - (center_y - side // 2)
+  cols = jnp.arange(image.shape[1])[None, :] - (center_x - side // 2)
+  inside = (rows >= 0) & (rows < side) & (cols >= 0) & (cols < side)
+  return jnp.where(inside[..., None], 0.0, image)
+
+
+def random_cutout(key: jax.Array, image: jax.Array, *, size: float) -> jax.Array:
+  """Cutout (DeVries & Taylor 2017): square side `size` x the height, centre anywhere."""
+  k_y, k_x = jax.random.split(key)
+  center_y = jax.random.randint(k_y, (), 0, image.shape[0])
+  center_x = jax.random.randint(k_x, (), 0, image.shape[1])
+  return cutout(image, center_y, center_x, max(1, int(round(size * image.shape[0]))))
+
+
+def gaussian_noise(key: jax.Array, image: jax.Array, *, std: float) -> jax.Array:
+  """Adds i.i.d. N(0, std^2) noise per pixel and channel, then clips to [0, 1]."""
+  return jnp.clip(image + std * jax.random.normal(key, image.shape, image.dtype), 0.0, 1.0)
+
+
+def sobel(image: jax.Array) -> jax.Array:
+  """Per-channel Sobel gradient magnitude / 4 (a unit step edge gives 1), edges replicated."""
+  padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  height, width = image.shape[:2]
+  shifted = lambda dy, dx: padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+  smooth_rows = shifted(-1, 1) + 2 * shifted(0, 1) + shifted(1, 1)
+  smooth_rows_left = shifted(-1, -1) + 2 * shifted(0, -1) + shifted(1, -1)
+  smooth_cols = shifted(1, -1) + 2 * shifted(1, 0) + shifted(1, 1)
+  smooth_cols_up = shifted(-1, -1) + 2 * shifted(-1, 0) + shifted(-1, 1)
+  gradient_x = smooth_rows - smooth_rows_left
+  gradient_y = smooth_cols - smooth_cols_up
+  return jnp.clip(jnp.sqrt(gradient_x ** 2 + gradient_y ** 2) / 4.0, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+def make_config(ops: Sequence[str], **params: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A pipeline config from an ordered list of op names; `params[name]` overrides defaults.
+
+  Example: `make_config(('random_resized_crop', 'rotate90', 'cutout'), cutout={'size': 0.25})`.
+  """
+  unknown = sorted(set(ops) - set(OP_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown augmentation ops {unknown}; known: {sorted(OP_DEFAULTS)}")
+  extra = sorted(set(params) - set(ops))
+  if extra:
+    raise ValueError(f"parameters given for {extra}, which are not in ops {tuple(ops)}")
+  config = ml_collections.ConfigDict({"ops": tuple(ops)})
+  for name in ops:
+    config[name] = ml_collections.ConfigDict({**OP_DEFAULTS[name], **params.get(name, {})})
+  validate(config)
+  return config
+
+
+def get_preset(name: str) -> ml_collections.ConfigDict:
+  """'simclr_imagenet' (s=1, blur), 'simclr_cifar' (s=0.5, no blur), 'crop_flip', 'none'."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown augmentation preset {name!r}; known: {sorted(PRESETS)}")
+  return make_config([op for op, _ in PRESETS[name]],
+                     **{op: overrides for op, overrides in PRESETS[name]})
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_probability(op: str, p) -> None:
+  values = list(p) if isinstance(p, (tuple, list)) else [p]
+  if not values or not all(_is_number(v) and 0.0 <= v <= 1.0 for v in values):
+    raise ValueError(f"{op}.p={p!r}: a probability must be a number in [0, 1] or a non-empty "
+                     "sequence of them (one per view)")
+
+
+def _check_range(op: str, name: str, value, low: float, high: float, *,
+                 low_open: bool = False) -> None:
+  low_ok = _is_number(value) and (value > low if low_open else value >= low)
+  if not (low_ok and value <= high):
+    interval = f"{'(' if low_open else '['}{low}, {high}]"
+    raise ValueError(f"{op}.{name}={value!r} must be a number in {interval}")
+
+
+def _validate_op(op: str, params: Mapping[str, Any]) -> None:
+  unknown = sorted(set(params) - set(OP_DEFAULTS[op]))
+  if unknown:
+    raise ValueError(f"unknown parameters {unknown} for augmentation op {op!r}; "
+                     f"known: {sorted(OP_DEFAULTS[op])}")
+  params = {**OP_DEFAULTS[op], **params}
+  _check_probability(op, params["p"])
+  if op == "random_resized_crop":
+    _check_range(op, "area_min", params["area_min"], 0.0, 1.0, low_open=True)
+    _check_range(op, "area_max", params["area_max"], params["area_min"], 1.0)
+    _check_range(op, "aspect_ratio_min", params["aspect_ratio_min"], 0.0, float("inf"),
+                 low_open=True)
+    _check_range(op, "aspect_ratio_max", params["aspect_ratio_max"], params["aspect_ratio_min"],
+                 float("inf"))
+    _check_range(op, "min_object_covered", params["min_object_covered"], 0.0, 1.0)
+    if not (isinstance(params["max_attempts"], int) and params["max_attempts"] >= 1):
+      raise ValueError(f"{op}.max_attempts={params['max_attempts']!r} must be an integer >= 1")
+  elif op == "color_jitter":
+    _check_range(op, "strength", params["strength"], 0.0, MAX_JITTER_STRENGTH, low_open=True)
+    if params["brightness_impl"] not in BRIGHTNESS_IMPLS:
+      raise ValueError(f"{op}.brightness_impl={params['brightness_impl']!r}; allowed: "
+                       f"{BRIGHTNESS_IMPLS} (multiplicative v2 / additive v1)")
+    if not isinstance(params["random_order"], bool):
+      raise ValueError(f"{op}.random_order={params['random_order']!r} must be True or False")
+  elif op == "blur":
+    _check_range(op, "kernel_fraction", params["kernel_fraction"], 0.0, 1.0, low_open=True)
+    _check_range(op, "sigma_min", params["sigma_min"], 0.0, float("inf"), low_open=True)
+    _check_range(op, "sigma_max", params["sigma_max"], params["sigma_min"], float("inf"))
+  elif op == "solarize":
+    _check_range(op, "threshold", params["threshold"], 0.0, 1.0)
+  elif op == "center_crop":
+    _check_range(op, "proportion", params["proportion"], 0.0, 1.0, low_open=True)
+  elif op == "cutout":
+    _check_range(op, "size", params["size"], 0.0, 1.0, low_open=True)
+  elif op == "gaussian_noise":
+    _check_range(op, "std", params["std"], 0.0, float("inf"))
+
+
+def _as_dict(config) -> dict:
+  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+
+
+def validate(aug_config) -> None:
+  """Raises ValueError naming the bad op or value: unknown ops or parameters, bad numbers.
+
+  Parameters of ops that are not in `ops` are checked too but do not switch the op on, so a sweep
+  can toggle an op through `ops` alone.
+  """
+  config = _as_dict(aug_config)
+  if "ops" not in config:
+    raise ValueError(f"augmentation config needs 'ops' (an ordered tuple of op names); got keys "
+                     f"{sorted(config)}")
+  ops = config["ops"]
+  if isinstance(ops, str) or not all(isinstance(op, str) for op in ops):
+    raise ValueError(f"ops={ops!r} must be a tuple of op names from {sorted(OP_DEFAULTS)}")
+  unknown = sorted(set(ops) - set(OP_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown augmentation ops {unknown}; known: {sorted(OP_DEFAULTS)}")
+  repeated = sorted({op for op in ops if list(ops).count(op) > 1})
+  if repeated:
+    raise ValueError(f"ops {repeated} appear more than once in {tuple(ops)}")
+  unknown_keys = sorted(set(config) - set(OP_DEFAULTS) - {"ops"})
+  if unknown_keys:
+    raise ValueError(f"unknown augmentation config keys {unknown_keys}; expected 'ops' and op "
+                     f"names from {sorted(OP_DEFAULTS)}")
+  for op in OP_DEFAULTS:
+    if op in config:
+      if not isinstance(config[op], Mapping):
+        raise ValueError(f"augmentation config {op!r} must hold the op's parameters, got "
+                         f"{config[op]!r}")
+      _validate_op(op, config[op])
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline.
+
+def _crop_box_function(op: str, params: Mapping[str, Any]):
+  """`fn(key, height, width) -> box` for a crop op with its parameters bound."""
+  if op == "random_resized_crop":
+    return lambda key, height, width: sample_crop_box(
+        key, height, width, area_range=(params["area_min"], params["area_max"]),
+        aspect_ratio_range=(params["aspect_ratio_min"], params["aspect_ratio_max"]),
+        max_attempts=params["max_attempts"], min_object_covered=params["min_object_covered"])
+  return lambda key, height, width: center_crop_box(height, width, params["proportion"])
+
+
+def _image_function(op: str, params: Mapping[str, Any]):
+  """`fn(key, image) -> image` for a non-crop op with its parameters bound."""
+  if op == "flip":
+    return lambda key, image: pix.flip_left_right(image)
+  if op == "rotate90":
+    return rotate90
+  if op == "color_jitter":
+    return lambda key, image: color_jitter(
+        key, image, strength=params["strength"], brightness_impl=params["brightness_impl"],
+        random_order=params["random_order"])
+  if op == "grayscale":
+    return lambda key, image: to_grayscale(image)
+  if op == "blur":
+    return lambda key, image: gaussian_blur(
+        key, image, kernel_fraction=params["kernel_fraction"], sigma_min=params["sigma_min"],
+        sigma_max=params["sigma_max"])
+  if op == "solarize":
+    return lambda key, image: pix.solarize(image, params["threshold"])
+  if op == "cutout":
+    return lambda key, image: random_cutout(key, image, size=params["size"])
+  if op == "gaussian_noise":
+    return lambda key, image: gaussian_noise(key, image, std=params["std"])
+  if op == "sobel":
+    return lambda key, image: sobel(image)
+  raise ValueError(f"unknown augmentation op {op!r}; known: {sorted(OP_DEFAULTS)}")
+
+
+CROP_OPS = ("random_resized_crop", "center_crop")
+
+
+def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = True
+                       ) -> Augmentation:
+  """The pipeline as `augment(key, image, view=0) -> [image_size, image_size, 3]` float32.
+
+  `image` is [H, W, 3], float in [0, 1] or uint8. A crop op crops and resizes to image_size (when
+  the coin says no, it resizes the whole image); a pipeline without crop ops resizes first if the
+  size differs. `crop_on_device=False` drops 'random_resized_crop' because the host pipeline
+  already cropped. `view` (a Python int) picks the probability of ops whose `p` is per view.
+  """
+  validate(aug_config)
+  if not (isinstance(image_size, int) and image_size >= 1):
+    raise ValueError(f"image_size={image_size!r} must be a positive integer")
+  config = _as_dict(aug_config)
+  ops = [op for op in config["ops"] if crop_on_device or op != "random_resized_crop"]
+  params = {op: {**OP_DEFAULTS[op], **config.get(op, {})} for op in ops}
+  functions = [_crop_box_function(op, params[op]) if op in CROP_OPS
+               else _image_function(op, params[op]) for op in ops]
+  resize_first = not any(op in CROP_OPS for op in ops)
+
+  def probability(op: str, view: int) -> float:
+    p = params[op]["p"]
+    if not isinstance(p, (tuple, list)):
+      return float(p)
+    if not 0 <= view < len(p):
+      raise ValueError(f"view={view} but {op}.p={tuple(p)} has probabilities for {len(p)} views")
+    return float(p[view])
+
+  def augment(key: jax.Array, image: jax.Array, view: int = 0) -> jax.Array:
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f"augment expects one RGB image [H, W, 3], got shape {image.shape}")
+    if image.dtype == jnp.uint8:
+      image = image.astype(jnp.float32) / 255.0
+    image = image.astype(jnp.float32)
+    if resize_first:
+      image = jnp.clip(resize(image, image_size), 0.0, 1.0)
+    for index, (op, function) in enumerate(zip(ops, functions)):
+      k_apply, k_op = jax.random.split(jax.random.fold_in(key, index))
+      p = probability(op, view)
+      apply = jax.random.uniform(k_apply) < p
+      if op in CROP_OPS:
+        height, width = image.shape[:2]
+        box = jnp.where(apply, function(k_op, height, width),
+                        jnp.array([0, 0, height, width], jnp.int32))
+        image = jnp.clip(crop_and_resize(image, box, image_size), 0.0, 1.0)  # bicubic overshoot
+      elif p >= 1.0:
+        image = function(k_op, image)
+      elif p > 0.0:
+        image = jax.lax.cond(apply, lambda x: function(k_op, x), lambda x: x, image)
+    return jnp.clip(image, 0.0, 1.0)
+
+  return augment

@@ -1,0 +1,1 @@
+"""Evaluation of encoder exports: linear probes (SGD or L-BFGS), fine-tuning, shared outputs."""

@@ -1,0 +1,171 @@
+"""What the linear probe and fine-tuning share: config checks, metrics, pictures, outputs.
+
+Outputs of an evaluation run in its workdir: results.json (flat: numbers plus 'mode', 'dataset'
+and a few descriptive strings), metrics.jsonl + TensorBoard events (the trainer's writers),
+predictions.png, confusion_matrix.png, and export/ — the encoder plus its trained linear head
+`supervised_head`, an encoder export that `simclr_jax.tools.predict`, a later probe or the
+safetensors export can read.
+"""
+import os
+import shutil
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from simclr_jax import export
+from simclr_jax import input_pipeline
+from simclr_jax import knn
+from simclr_jax import optim
+from simclr_jax import sharding
+from simclr_jax import train
+from simclr_jax.visualize import predictions as prediction_plots
+
+PREDICTIONS_FILE = "predictions.png"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+# Images shown in the prediction grid (the first ones of the eval split, in order).
+GRID_IMAGES = 32
+
+
+def require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(f"invalid config: {message}")
+
+
+def split_size(config: ml_collections.ConfigDict, split: str, mesh: jax.sharding.Mesh) -> int:
+  """Examples in `split` (a TFDS split spec such as 'train' or 'train[:80%]'); reads no data.
+
+  The input pipeline validates the spec and names the available splits when it is wrong.
+  """
+  return input_pipeline.create_eval_iterator(
+      config.dataset, data_dir=train.data_dir(config), split=split,
+      global_batch_size=config.global_batch_size, image_size=config.image_size,
+      mesh=mesh).num_examples
+
+
+def dataset_info(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                 ) -> tuple[input_pipeline.DatasetInfo, dict[str, int]]:
+  """(info, {split spec: size}) for the train and eval splits; fails early on a bad dataset.
+
+  A dataset without class labels is refused by the input pipeline with an error naming its
+  features.
+  """
+  info = input_pipeline.get_dataset_info(config.dataset, data_dir=train.data_dir(config))
+  sizes = {split: split_size(config, split, mesh)
+           for split in (config.train_split, config.eval_split)}
+  return info, sizes
+
+
+def validate_common(config: ml_collections.ConfigDict, *, mode: str, num_devices: int) -> None:
+  require(config.mode == mode, f"mode={config.mode!r}, but this runs {mode!r}")
+  require(config.dtype in train.COMPUTE_DTYPES,
+          f"dtype={config.dtype!r}; allowed: {', '.join(train.COMPUTE_DTYPES)}")
+  require(config.image_size > 0, f"image_size={config.image_size} must be positive")
+  require(config.global_batch_size > 0 and config.global_batch_size % num_devices == 0,
+          f"global_batch_size={config.global_batch_size} must be a positive multiple of the "
+          f"number of devices ({num_devices})")
+  require(config.num_train_steps > 0 or config.num_epochs > 0,
+          f"num_epochs={config.num_epochs} or num_train_steps={config.num_train_steps} must be "
+          "positive")
+  for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
+  require(config.eval_every_steps >= 0,
+          f"eval_every_steps={config.eval_every_steps} must be >= 0 (0 = only at the end)")
+  require(config.knn_k >= 0, f"knn_k={config.knn_k} must be >= 0 (0 = no k-NN)")
+  require(config.knn_temperature > 0, f"knn_temperature={config.knn_temperature} must be > 0")
+  require(config.host_crop_views in (0, 1),
+          f"host_crop_views={config.host_crop_views}; allowed: 0 (the device crops; fixed-size "
+          "images) or 1 (the host crops; needed when image sizes vary, e.g. tf_flowers)")
+
+
+def classification_results(logits: np.ndarray, labels: np.ndarray,
+                           num_classes: int) -> dict[str, float]:
+  """top1, top5 and mean per-class accuracy (the mean over classes present in `labels`)."""
+  logits, labels = np.asarray(logits, np.float32), np.asarray(labels)
+  predictions = logits.argmax(axis=1)
+  top5 = np.argsort(-logits, axis=1, kind="stable")[:, :min(5, num_classes)]
+  correct = predictions == labels
+  present = np.unique(labels)
+  return {
+      "top1": float(correct.mean()),
+      "top5": float(np.any(top5 == labels[:, None], axis=1).mean()),
+      "mean_per_class_accuracy": float(np.mean([correct[labels == c].mean() for c in present])),
+      "num_eval_examples": int(len(labels)),
+  }
+
+
+def write_pictures(workdir: str, *, images: np.ndarray, labels: np.ndarray, logits: np.ndarray,
+                   class_names, title: str) -> None:
+  """predictions.png (the first eval images) and confusion_matrix.png (all eval images)."""
+  if jax.process_index() > 0:
+    return
+  probabilities = jax.nn.softmax(jnp.asarray(logits[:len(images)], jnp.float32), axis=1)
+  prediction_plots.plot_prediction_grid(
+      images, labels[:len(images)], logits[:len(images)].argmax(axis=1), class_names,
+      os.path.join(workdir, PREDICTIONS_FILE), confidences=np.asarray(probabilities).max(axis=1),
+      title=title)
+  prediction_plots.plot_confusion_matrix(labels, logits.argmax(axis=1), class_names,
+                                         os.path.join(workdir, CONFUSION_MATRIX_FILE), title=title)
+
+
+def save_classifier_export(workdir: str, *, model_config: Mapping[str, Any],
+                           params: Mapping[str, Any], batch_stats: Mapping[str, Any],
+                           metadata: Mapping[str, Any]) -> str:
+  """workdir/export: encoder (+ projection head) + supervised_head; replaces an older one."""
+  directory = os.path.join(workdir, train.EXPORT_DIR)
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    logging.info("replacing the previous classifier export in %s", directory)
+    shutil.rmtree(directory)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("classifier_export_cleared")
+  return export.save_encoder(directory, model_config=dict(model_config), params=params,
+                             batch_stats=batch_stats, metadata=dict(metadata))
+
+
+def classifier_metadata(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                        projection_layer: int, source: str) -> dict:
+  return {"dataset": config.dataset, "image_size": config.image_size,
+          "num_classes": info.num_classes, "class_names": list(info.class_names),
+          "projection_layer": projection_layer, "source": source,
+          "init_from": config.init_from}
+
+
+def assert_unchanged(before: Mapping[str, Any], after: Mapping[str, Any], what: str) -> None:
+  """Raises RuntimeError naming the first array of `after` that differs from `before`."""
+  after = sharding.to_host(after)
+  flat_before = dict(jax.tree_util.tree_leaves_with_path(before))
+  for path, value in jax.tree_util.tree_leaves_with_path(after):
+    if not np.array_equal(np.asarray(flat_before[path]), np.asarray(value)):
+      raise RuntimeError(f"{what} changed at {jax.tree_util.keystr(path)}: the encoder was "
+                         "meant to be frozen (a bug in the evaluation step)")
+
+
+def training_images(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """[B, H, W, 3] uint8 of a train batch, whether the device crops or the host cropped one view."""
+  images = batch["image"]
+  return images[:, 0] if images.ndim == 5 else images
+
+
+def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return optim.steps_from_epochs(config.num_epochs, num_examples, config.global_batch_size)
+
+
+def dtype(config: ml_collections.ConfigDict):
+  return train.COMPUTE_DTYPES[config.dtype]
+
+
+def knn_top1(config: ml_collections.ConfigDict, train_features, train_labels, test_features,
+             test_labels, num_classes: int) -> dict[str, float]:
+  """{'knn_top1': ...} on the given features, or {} when knn_k is 0."""
+  if not config.knn_k:
+    return {}
+  return {"knn_top1": knn.knn_accuracy(train_features, train_labels, test_features, test_labels,
+                                       num_classes=num_classes, k=config.knn_k,
+                                       temperature=config.knn_temperature)}
+

@@ -1,0 +1,601 @@
+"""SimCLR pretraining: the sharded update step, the online probe, and the loop around them.
+
+The update step is `jax.jit(jax.shard_map(...))` over the mesh axis 'data'. Each device augments
+its own shard (two views per image, keys from the step and the image's global index, so views do
+not depend on the device count), runs ONE forward pass over both views (global batch norm through
+`axis_name`), scores NT-Xent against every device's embeddings, and takes a LARS step. The
+gradient of the replicated parameters comes out of shard_map's autodiff already summed over
+devices and equal to the one-device gradient, so it is not reduced again.
+
+The loop restores the newest checkpoint, trains, logs, monitors with k-NN, checkpoints, stops
+cleanly on SIGTERM or a non-finite value, and at the end exports the encoder.
+"""
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from simclr_jax import augment
+from simclr_jax import checkpointing
+from simclr_jax import export
+from simclr_jax import input_pipeline
+from simclr_jax import knn
+from simclr_jax import losses
+from simclr_jax import models
+from simclr_jax import optim
+from simclr_jax import sharding
+from simclr_jax.visualize import curves
+
+DATA_AXIS = sharding.DATA_AXIS
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Host crops come as exactly two views per image ([B, 2, S, S, 3]).
+HOST_CROP_VIEW_CHOICES = (0, 2)
+# Values checked for NaN/Inf before they are logged and before every checkpoint.
+GUARDED_METRICS = ("loss", "probe_loss", "grad_norm", "param_norm")
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "export"
+# Exit status of a run stopped by SIGTERM (128 + SIGTERM), so schedulers see it did not finish.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the config: the input position is `step`."""
+  step: jax.Array           # int32 updates done so far
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array            # uint32[2] base key of the augmentations
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the state was checkpointed at `step` and the same command resumes it."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f"stopped by SIGTERM after step {step}; checkpoint saved in "
+                     f"{os.path.join(workdir, CHECKPOINT_DIR)}, rerun the same command to resume")
+    self.step = step
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str | None:
+  return config.data_dir or None
+
+
+def data_shards(config: ml_collections.ConfigDict) -> int:
+  """Input streams of the global batch: `config.data_shards`, or one per process when 0."""
+  return config.data_shards or jax.process_count()
+
+
+def validate_pretrain_config(config: ml_collections.ConfigDict, *, num_devices: int,
+                             dataset_info: input_pipeline.DatasetInfo) -> None:
+  """Fails before anything compiles, naming the field, its value and what is allowed."""
+  def require(condition: bool, message: str):
+    if not condition:
+      raise ValueError(f"invalid config: {message}")
+
+  require(config.mode == "pretrain", f"mode={config.mode!r}; train.pretrain runs 'pretrain'")
+  for split in (config.train_split, config.eval_split):
+    require(split in dataset_info.split_sizes,
+            f"split {split!r} is not in {config.dataset} (splits: "
+            f"{', '.join(sorted(dataset_info.split_sizes))})")
+  models.model_kwargs(config.model)
+  augment.validate(config.augment)
+  require(config.dtype in COMPUTE_DTYPES,
+          f"dtype={config.dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
+  require(config.image_size > 0, f"image_size={config.image_size} must be positive")
+  require(config.host_crop_views in HOST_CROP_VIEW_CHOICES,
+          f"host_crop_views={config.host_crop_views}; allowed: {HOST_CROP_VIEW_CHOICES}")
+  require(config.data_shards == 0 or (config.data_shards > 0 and
+                                      config.data_shards % jax.process_count() == 0 and
+                                      config.global_batch_size % config.data_shards == 0),
+          f"data_shards={config.data_shards} must be 0 (one per process) or a multiple of the "
+          f"process count ({jax.process_count()}) that divides global_batch_size")
+  require(config.temperature > 0, f"temperature={config.temperature} must be positive")
+  require(config.num_train_steps > 0 or config.num_epochs > 0,
+          f"num_epochs={config.num_epochs} or num_train_steps={config.num_train_steps} must be "
+          "positive")
+  require(config.global_batch_size > 0 and config.global_batch_size % num_devices == 0,
+          f"global_batch_size={config.global_batch_size} must be a positive multiple of the "
+          f"number of devices ({num_devices} = {jax.process_count()} process(es) x "
+          f"{jax.local_device_count()} local device(s))")
+  require(config.optimizer.name in optim.OPTIMIZERS,
+          f"optimizer.name={config.optimizer.name!r}; allowed: {', '.join(optim.OPTIMIZERS)}")
+  require(config.optimizer.lr_scaling in optim.LR_SCALINGS,
+          f"optimizer.lr_scaling={config.optimizer.lr_scaling!r}; allowed: "
+          f"{', '.join(optim.LR_SCALINGS)}")
+  require(config.optimizer.base_learning_rate > 0,
+          f"optimizer.base_learning_rate={config.optimizer.base_learning_rate} must be positive")
+  require(config.optimizer.warmup_epochs >= 0,
+          f"optimizer.warmup_epochs={config.optimizer.warmup_epochs} must be >= 0")
+  for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "knn_k"):
+    require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
+  for name in ("knn_every_steps", "knn_train_examples", "knn_eval_examples"):
+    require(config[name] >= 0, f"{name}={config[name]} must be >= 0 (0 = "
+            f"{'never' if name == 'knn_every_steps' else 'all'})")
+  require(config.knn_temperature > 0, f"knn_temperature={config.knn_temperature} must be > 0")
+  if config.image_size <= 32 and not config.model.cifar_stem:
+    logging.warning("image_size=%d without model.cifar_stem: the ImageNet stem downsamples a "
+                    "32 px image 4x before the first block (SimCLR uses the CIFAR stem here)",
+                    config.image_size)
+
+
+def training_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+  """(total_steps, warmup_steps); warmup is shortened to 10% when it would not fit."""
+  batch = config.global_batch_size
+  total = (config.num_train_steps if config.num_train_steps > 0 else
+           optim.steps_from_epochs(config.num_epochs, num_examples, batch))
+  warmup = optim.steps_from_epochs(config.optimizer.warmup_epochs, num_examples, batch)
+  if warmup >= total:
+    logging.warning("warmup of %d steps does not fit in %d training steps; warming up for %d",
+                    warmup, total, total // 10)
+    warmup = total // 10
+  return total, warmup
+
+
+# ---------------------------------------------------------------------------------------------
+# State and update step
+# ---------------------------------------------------------------------------------------------
+
+
+def create_train_state(model: models.SimCLRModel, optimizer: optax.GradientTransformation, *,
+                       seed: int, image_size: int, mesh: jax.sharding.Mesh) -> TrainState:
+  """Initial state, replicated on `mesh`; the same on any device count for the same seed."""
+  def init(seed_key):
+    init_key, augment_key = jax.random.split(seed_key)
+    variables = model.init(init_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+                           train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"],
+                      opt_state=optimizer.init(variables["params"]), rng=augment_key)
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(seed))
+
+
+def make_loss_fn(model: models.SimCLRModel, *, temperature: float, axis_name: str | None
+                 ) -> Callable:
+  """(params, batch_stats, views [2n,...], labels [n]) -> (total loss, (metrics, batch_stats)).
+
+  `views` holds the first views of the n images, then their second views. The total is NT-Xent
+  plus the online probe's cross-entropy; the probe sees stop_gradient(h) (inside the model), so
+  its loss trains only the linear head.
+  """
+  def loss_fn(params, batch_stats, views, labels):
+    outputs, updated = model.apply({"params": params, "batch_stats": batch_stats}, views,
+                                   train=True, mutable=["batch_stats"])
+    z1, z2 = jnp.split(outputs["z"].astype(jnp.float32), 2)
+    contrastive_loss, contrastive = losses.nt_xent(z1, z2, temperature=temperature,
+                                                   axis_name=axis_name)
+    probe = losses.classification_metrics(outputs["probe_logits"],
+                                          jnp.concatenate([labels, labels]), axis_name=axis_name)
+    metrics = dict(contrastive, loss=contrastive_loss, probe_loss=probe["loss"],
+                   probe_top1=probe["top1"])
+    return contrastive_loss + probe["loss"], (metrics, updated["batch_stats"])
+  return loss_fn
+
+
+def augment_views(augment_view: Callable, images: jax.Array, indices: jax.Array,
+                  base_key: jax.Array, step: jax.Array) -> jax.Array:
+  """[2n, S, S, 3] float views of n uint8 images: all first views, then all second views.
+
+  Image i's key is fold_in(fold_in(base_key, step), global_index[i]), split into one key per
+  view, so a view depends on the image, not on which device holds it. `augment_view(key, image,
+  view=v)` is `augment.build_augmentation`'s function (`view` picks per-view probabilities). `images` is [n, H, W, 3]
+  (the device crops) or [n, 2, S, S, 3] (host crops, one per view).
+  """
+  step_key = jax.random.fold_in(base_key, step)
+  image_keys = jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
+  view_keys = jax.vmap(jax.random.split)(image_keys)
+  images = images.astype(jnp.float32) / 255.0
+  first, second = (images[:, 0], images[:, 1]) if images.ndim == 5 else (images, images)
+  return jnp.concatenate([
+      jax.vmap(lambda key, image: augment_view(key, image, view=0))(view_keys[:, 0], first),
+      jax.vmap(lambda key, image: augment_view(key, image, view=1))(view_keys[:, 1], second),
+  ], axis=0)
+
+
+def make_train_step(model: models.SimCLRModel, optimizer: optax.GradientTransformation,
+                    augment_view: Callable, *, temperature: float,
+                    learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh
+                    ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple]:
+  """jit(shard_map(step)): (state, global batch) -> (state, metrics); the state is donated.
+
+  `model` must have `axis_name=DATA_AXIS`. Metrics are float32 scalars, identical on all devices.
+  The augmentation runs in its own shard_map without varying-axis checks: it has no collectives
+  and no gradient, and jax 0.10.2 mis-types `vmap(lax.cond)` with a per-image predicate under
+  those checks ("pvary is a invariant->variant collective"). The learning step keeps the checks,
+  which make shard_map's autodiff sum the replicated parameters' gradient over devices.
+  """
+  loss_fn = make_loss_fn(model, temperature=temperature, axis_name=DATA_AXIS)
+
+  def augment_shard(images, indices, base_key, step):
+    return augment_views(augment_view, images, indices, base_key, step)
+
+  def learn_on_shard(state: TrainState, views, labels):
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    # No psum/pmean here: for replicated params, shard_map's autodiff already sums over devices.
+    grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, views, labels)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(learning_rate=learning_rate_fn(state.step), grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+
+  batch_spec, replicated_spec = jax.P(DATA_AXIS), jax.P()
+  augment_step = jax.shard_map(
+      augment_shard, mesh=mesh, in_specs=(batch_spec, batch_spec, replicated_spec, replicated_spec),
+      out_specs=batch_spec, check_vma=False)
+  learn_step = jax.shard_map(learn_on_shard, mesh=mesh,
+                             in_specs=(replicated_spec, batch_spec, batch_spec),
+                             out_specs=(replicated_spec, replicated_spec))
+
+  def train_step(state: TrainState, batch):
+    views = augment_step(batch["image"], batch["index"], state.rng, state.step)
+    return learn_step(state, views, batch["label"])
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# k-NN monitor
+# ---------------------------------------------------------------------------------------------
+
+
+def make_feature_fn(model: models.SimCLRModel) -> Callable:
+  """jit: (params, batch_stats, images) -> h, in inference mode (running BN statistics)."""
+  @jax.jit
+  def features(params, batch_stats, images):
+    if images.dtype == jnp.uint8:
+      images = images.astype(jnp.float32) / 255.0
+    return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)["h"]
+  return features
+
+
+def collect_features(feature_fn: Callable, state: TrainState, batches: Iterable[Mapping],
+                     limit: int) -> tuple[np.ndarray, np.ndarray]:
+  """(h, labels) of the first `limit` examples (0 = all) of an eval pass, on every process."""
+  features, labels, count = [], [], 0
+  for batch in batches:
+    h = feature_fn(state.params, state.batch_stats, batch["image"])
+    h, label, mask = sharding.to_host((h, batch["label"], batch["mask"]))
+    features.append(h[mask])
+    labels.append(label[mask])
+    count += int(mask.sum())
+    if limit and count >= limit:
+      break
+  features, labels = np.concatenate(features), np.concatenate(labels)
+  return (features[:limit], labels[:limit]) if limit else (features, labels)
+
+
+def knn_monitor(config: ml_collections.ConfigDict, feature_fn: Callable, state: TrainState, *,
+                num_classes: int, mesh: jax.sharding.Mesh) -> float:
+  """Weighted k-NN top-1 (cosine, k, T) of h: train-split memory bank, held-out queries."""
+  def features(split, limit):
+    batches = input_pipeline.create_eval_iterator(
+        config.dataset, data_dir=data_dir(config), split=split,
+        global_batch_size=config.global_batch_size, image_size=config.image_size, mesh=mesh)
+    return collect_features(feature_fn, state, batches, limit)
+
+  train_features, train_labels = features(config.train_split, config.knn_train_examples)
+  test_features, test_labels = features(config.eval_split, config.knn_eval_examples)
+  return knn.knn_accuracy(train_features, train_labels, test_features, test_labels,
+                          num_classes=num_classes, k=config.knn_k,
+                          temperature=config.knn_temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, stopping and the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class JsonLinesWriter(metric_writers.MetricWriter):
+  """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}.
+
+  Only scalars have a JSON form here; images, histograms and the like go to TensorBoard, so
+  this writer skips them.
+  """
+
+  def __init__(self, path: str):
+    self._file = open(path, "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    record = {"step": int(step)}
+    record.update({name: float(value) for name, value in scalars.items()})
+    self._file.write(json.dumps(record) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    self.write_scalars(step, {name: value for name, value in values.items()
+                              if np.ndim(value) == 0})
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_metric_writer(workdir: str) -> metric_writers.MetricWriter:
+  """Console + TensorBoard + workdir/metrics.jsonl on process 0; nothing on the others."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncMultiWriter([
+      metric_writers.LoggingWriter(), metric_writers.SummaryWriter(workdir),
+      JsonLinesWriter(os.path.join(workdir, METRICS_FILE))])
+
+
+class StopRequest:
+  """Whether SIGTERM (preemption) asked the run to stop; all processes agree on the step.
+
+  One process: a SIGTERM handler sets a flag. Several: JAX's preemption service (started by
+  `jax.distributed.initialize`) catches SIGTERM and picks a step every process reaches.
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous_handler = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      try:
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      except ValueError:  # Not the main thread: leave signals to whoever owns them.
+        logging.warning("not in the main thread: SIGTERM will not checkpoint before exiting")
+    return self
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: checkpointing after the current step, then stopping")
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def __exit__(self, *exc_info):
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def check_finite(step_metrics: list[tuple[int, Mapping[str, float]]],
+                 last_saved_step: int | None) -> None:
+  """Raises FloatingPointError naming the first step and metric that is NaN or Inf."""
+  for step, metrics in step_metrics:
+    for name in GUARDED_METRICS:
+      if not np.isfinite(metrics[name]):
+        kept = (f"the last good checkpoint (step {last_saved_step}) is kept"
+                if last_saved_step is not None else "no checkpoint was written")
+        raise FloatingPointError(
+            f"{name} is {metrics[name]} at step {step}; stopping without saving this state "
+            f"({kept}). Lower optimizer.base_learning_rate, check the data, or try dtype=float32")
+
+
+def write_results(workdir: str, results: Mapping[str, Any]) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+      json.dump(dict(results), f, indent=2, sort_keys=True)
+
+
+def export_encoder(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
+                   num_classes: int) -> str:
+  """Encoder + projection head (params and BN statistics) into workdir/export, for probing."""
+  directory = os.path.join(workdir, EXPORT_DIR)
+  if os.path.isdir(os.path.join(directory, export.VARIABLES_DIR)):
+    logging.info("%s already holds this run's export", directory)
+    return directory
+  parts = ("encoder", "projection_head")
+  params, batch_stats = sharding.to_host((state.params, state.batch_stats))
+  return export.save_encoder(
+      directory, model_config=config.model.to_dict(),
+      params={part: params[part] for part in parts},
+      batch_stats={part: batch_stats[part] for part in parts},
+      metadata={"dataset": config.dataset, "image_size": config.image_size,
+                "num_classes": num_classes, "step": int(sharding.to_host(state.step)),
+                "source": "simclr_jax.train.pretrain"})
+
+
+def _run_record(config: ml_collections.ConfigDict, step: int, total_steps: int) -> dict:
+  """What a checkpoint must agree with for an exact resume (the input order depends on it)."""
+  return {"step": step, "total_steps": total_steps, "seed": config.seed,
+          "dataset": config.dataset, "train_split": config.train_split,
+          "global_batch_size": config.global_batch_size, "image_size": config.image_size,
+          "data_shards": data_shards(config)}
+
+
+def _check_resumable(record: Mapping[str, Any], config: ml_collections.ConfigDict,
+                     total_steps: int, workdir: str) -> None:
+  expected = _run_record(config, record["step"], total_steps)
+  for key in ("seed", "dataset", "train_split", "global_batch_size", "image_size"):
+    if record.get(key) != expected[key]:
+      raise ValueError(
+          f"{workdir} holds a run with {key}={record.get(key)!r} but the config says "
+          f"{key}={expected[key]!r}; resuming would not continue the same run. Use a new "
+          "--workdir or the original config")
+  if record.get("data_shards") != expected["data_shards"]:
+    logging.warning("the checkpoint was written with data_shards=%s, this run uses %d: training "
+                    "continues, but on a different (equally valid) order of batches than an "
+                    "uninterrupted run; fix config.data_shards to keep it",
+                    record.get("data_shards"), expected["data_shards"])
+  if record.get("total_steps") != total_steps:
+    logging.warning("the checkpoint was written by a run of %s steps; continuing to %d steps "
+                    "(the learning-rate schedule changes)", record.get("total_steps"), total_steps)
+
+
+def _mean_metrics(step_metrics: list[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+  names = step_metrics[0][1].keys()
+  return {name: float(np.mean([metrics[name] for _, metrics in step_metrics])) for name in names}
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Runs (or resumes) SimCLR pretraining in `workdir`; returns the final metrics.
+
+  `mesh` defaults to every device of every process along 'data'.
+  """
+  workdir = os.path.abspath(workdir)
+  mesh = mesh if mesh is not None else sharding.create_mesh()
+  info = input_pipeline.get_dataset_info(config.dataset, data_dir=data_dir(config))
+  validate_pretrain_config(config, num_devices=mesh.devices.size, dataset_info=info)
+  num_examples = info.split_sizes[config.train_split]
+  total_steps, warmup_steps = training_steps(config, num_examples)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  model = models.create_model(config.model, num_classes=info.num_classes, axis_name=DATA_AXIS,
+                              dtype=COMPUTE_DTYPES[config.dtype])
+  schedule = optim.learning_rate_schedule(
+      config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
+      global_batch_size=config.global_batch_size, total_steps=total_steps,
+      warmup_steps=warmup_steps)
+  optimizer = optim.create_optimizer(
+      config.optimizer.name, schedule, weight_decay=config.optimizer.weight_decay,
+      momentum=config.optimizer.momentum, trust_coefficient=config.optimizer.trust_coefficient)
+  augment_view = augment.build_augmentation(config.augment, config.image_size,
+                                            crop_on_device=config.host_crop_views == 0)
+  state = create_train_state(model, optimizer, seed=config.seed, image_size=config.image_size,
+                             mesh=mesh)
+  checkpointer = checkpointing.TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                                 keep=config.keep_checkpoints)
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state, record = restored
+    _check_resumable(record, config, total_steps, workdir)
+  start_step = int(sharding.to_host(state.step))
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  if start_step >= total_steps and os.path.exists(results_path):
+    checkpointer.close()
+    logging.info("%s already finished %d steps; returning its results", workdir, start_step)
+    with open(results_path) as f:
+      return json.load(f)
+  logging.info("pretraining %s on %s: %d steps (%d warmup) of %d images on %d device(s) in %d "
+               "process(es), starting at step %d", config.model.to_dict(), config.dataset,
+               total_steps, warmup_steps, config.global_batch_size, mesh.devices.size,
+               jax.process_count(), start_step)
+
+  train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
+                               learning_rate_fn=schedule, mesh=mesh)
+  feature_fn = make_feature_fn(model)
+  batches = input_pipeline.create_train_iterator(
+      config.dataset, data_dir=data_dir(config), split=config.train_split,
+      global_batch_size=config.global_batch_size, image_size=config.image_size,
+      host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step, mesh=mesh,
+      data_shards=data_shards(config))
+  writer = create_metric_writer(workdir)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps)
+  results = {"mode": "pretrain", "dataset": config.dataset}
+  last_saved = checkpointer.latest_step()
+  pending: list[tuple[int, Any]] = []
+  last_summary = {}
+  timing = {"start": None, "start_step": None, "interval_start": None, "interval_step": None,
+            "monitor_seconds": 0.0}
+
+  def flush_pending(step: int) -> dict[str, float]:
+    """Fetches the metrics since the last flush, checks them, logs their mean at `step`."""
+    fetched = [(s, sharding.to_host(m)) for s, m in pending]
+    pending.clear()
+    check_finite(fetched, last_saved)
+    summary = _mean_metrics(fetched)
+    now = time.monotonic()
+    if timing["interval_start"] is not None and step > timing["interval_step"]:
+      summary["examples_per_sec"] = ((step - timing["interval_step"]) *
+                                     config.global_batch_size / (now - timing["interval_start"]))
+    timing["interval_start"], timing["interval_step"] = now, step
+    writer.write_scalars(step, summary)
+    return summary
+
+  try:
+    with StopRequest() as stop_request:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, next(batches))
+        pending.append((step, metrics))
+        if timing["start"] is None:  # Time from the end of the first (compiling) step.
+          jax.block_until_ready(metrics)
+          timing.update(start=time.monotonic(), start_step=step,
+                        interval_start=time.monotonic(), interval_step=step)
+        report_progress(step)
+        stopping = stop_request.should_stop(step)
+        saving = stopping or step % config.checkpoint_every_steps == 0 or step == total_steps
+        knn_due = config.knn_every_steps and (step % config.knn_every_steps == 0 or
+                                              step == total_steps)
+        if saving or knn_due or step % config.log_every_steps == 0:
+          last_summary = flush_pending(step)
+        if knn_due:
+          knn_start = time.monotonic()
+          knn_top1 = knn_monitor(config, feature_fn, state, num_classes=info.num_classes,
+                                 mesh=mesh)
+          last_summary["knn_top1"] = knn_top1
+          writer.write_scalars(step, {"knn_top1": knn_top1})
+          timing["interval_start"] = time.monotonic()  # Keep k-NN out of examples/s.
+          timing["monitor_seconds"] += timing["interval_start"] - knn_start
+        if saving:
+          checkpointer.save(step, state, _run_record(config, step, total_steps))
+          last_saved = step
+        if stopping:
+          checkpointer.wait_until_finished()
+          raise Preempted(step, workdir)
+      train_seconds = (time.monotonic() - timing["start"] - timing["monitor_seconds"]
+                       if timing["start"] else 0.0)
+  finally:
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.close()
+
+  measured_steps = total_steps - (timing["start_step"] or total_steps)
+  examples_per_sec = (measured_steps * config.global_batch_size / train_seconds
+                      if train_seconds > 0 else 0.0)
+  results.update({name: value for name, value in last_summary.items()
+                  if name != "examples_per_sec"})
+  results.update(step=total_steps, start_step=start_step, global_batch_size=config.global_batch_size,
+                 num_devices=int(mesh.devices.size), num_processes=jax.process_count(),
+                 train_seconds=train_seconds, examples_per_sec=examples_per_sec,
+                 pairs_per_sec=examples_per_sec)
+  export_encoder(workdir, config, state, info.num_classes)
+  if jax.process_index() == 0:
+    curves.plot_training_curves(os.path.join(workdir, METRICS_FILE),
+                                os.path.join(workdir, LOSS_CURVE_FILE),
+                                title=f"SimCLR {config.dataset}")
+  write_results(workdir, results)
+  return results

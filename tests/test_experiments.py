@@ -1,0 +1,324 @@
+"""Sweep runner, results aggregator and benchmark helpers, without training anything.
+
+The sweep's launcher is replaced by a fake that writes results.json, so resumption, failures and
+the probe stage are checked in milliseconds; the recipes are toy config files in tmp_path.
+"""
+import csv
+import importlib.util
+import json
+import os
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+
+
+def _load(name, path):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+sweep = _load("sweep", os.path.join(EXPERIMENTS, "sweep.py"))
+aggregate = _load("aggregate", os.path.join(EXPERIMENTS, "aggregate.py"))
+ntxent_memory = _load("ntxent_memory", os.path.join(EXPERIMENTS, "benchmarks", "ntxent_memory.py"))
+train_step = _load("train_step", os.path.join(EXPERIMENTS, "benchmarks", "train_step.py"))
+
+PRETRAIN_CONFIG = """
+import ml_collections
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.mode = 'pretrain'
+  config.variant = arg or ''
+  config.temperature = 0.5
+  config.num_train_steps = 10
+  config.augment_preset = 'simclr_cifar'
+  config.optimizer = ml_collections.ConfigDict({'name': 'lars', 'base_learning_rate': 1.0})
+  config.model = ml_collections.ConfigDict({'width_multiplier': 1.0})
+  return config
+"""
+PROBE_CONFIG = """
+import ml_collections
+
+def get_config(arg=None):
+  return ml_collections.ConfigDict({'mode': 'linear_probe', 'init_from': '', 'num_epochs': 1})
+"""
+
+
+@pytest.fixture
+def recipes(tmp_path):
+  pretrain = tmp_path / "toy_pretrain.py"
+  probe = tmp_path / "toy_probe.py"
+  pretrain.write_text(textwrap.dedent(PRETRAIN_CONFIG))
+  probe.write_text(textwrap.dedent(PROBE_CONFIG))
+  return f"{pretrain}:cpu", f"{probe}"
+
+
+def fake_launcher(calls, fail_names=(), results=None):
+  """Stands in for `python -m simclr_jax.main`: records the call, writes results.json."""
+
+  def launch(args, log_path):
+    calls.append(list(args))
+    workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+    if any(name in workdir for name in fail_names):
+      return 1
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results(workdir) if results else {"mode": "x", "loss": 1.0}, f)
+    return 0
+
+  return launch
+
+
+def test_split_values_keeps_bracketed_commas_together():
+  assert sweep.split_values("0.1, 0.2,0.5") == ["0.1", "0.2", "0.5"]
+  assert sweep.split_values("(1,2),(3,4)") == ["(1,2)", "(3,4)"]
+  assert sweep.split_values("'a,b',c") == ["'a,b'", "c"]
+  for bad in ("1,,2", "(1,2", "'a"):
+    with pytest.raises(ValueError, match="cannot split"):
+      sweep.split_values(bad)
+
+
+def test_parse_grid_and_assignments_reject_malformed_input():
+  assert sweep.parse_grid(["temperature=0.1,0.5", "model.depth=18"]) == {
+      "temperature": ["0.1", "0.5"], "model.depth": ["18"]}
+  with pytest.raises(ValueError, match="twice"):
+    sweep.parse_grid(["temperature=0.1", "temperature=0.2"])
+  with pytest.raises(ValueError, match="repeats"):
+    sweep.parse_grid(["temperature=0.1,0.1"])
+  with pytest.raises(ValueError, match="key=value"):
+    sweep.parse_grid(["temperature"])
+  with pytest.raises(ValueError, match="twice"):
+    sweep.parse_assignments(["a=1", "a=2"])
+
+
+def test_run_names_use_the_shortest_unique_key_suffix():
+  labels = sweep.run_names({"optimizer.base_learning_rate": [], "temperature": [],
+                            "model.width_multiplier": [], "augment.width_multiplier": []})
+  assert labels == {"optimizer.base_learning_rate": "base_learning_rate",
+                    "temperature": "temperature", "model.width_multiplier":
+                    "model.width_multiplier", "augment.width_multiplier": "augment.width_multiplier"}
+
+
+def test_plan_sweep_is_the_typed_cartesian_product(recipes):
+  config, _ = recipes
+  runs = sweep.plan_sweep(config, {"temperature": ["0.1", "0.2", "0.5"],
+                                   "optimizer.base_learning_rate": ["0.5", "1"]},
+                          {"num_train_steps": "3"})
+  assert len(runs) == 6
+  assert runs[0].name == "temperature=0.1,base_learning_rate=0.5"
+  assert runs[3].values == {"temperature": 0.2, "optimizer.base_learning_rate": 1.0}
+  assert isinstance(runs[3].values["optimizer.base_learning_rate"], float)
+  assert runs[0].overrides == {"num_train_steps": "3", "temperature": "0.1",
+                               "optimizer.base_learning_rate": "0.5"}
+
+
+@pytest.mark.parametrize("grid, fixed, message", [
+    ({"temprature": ["0.1"]}, {}, "Did you mean \"temperature\""),
+    ({"optimizer.nme": ["sgd"]}, {}, "Did you mean \"name\""),
+    ({"num_train_steps": ["1", "2.5"]}, {}, "2.5"),
+    ({"temperature": ["0.1"]}, {"temperature": "0.2"}, "both swept"),
+    ({"augment_preset": ["a/b", "a-b"]}, {}, "same run directory"),
+])
+def test_plan_sweep_fails_fast_on_bad_keys_and_values(recipes, grid, fixed, message):
+  config, _ = recipes
+  with pytest.raises(ValueError, match=message):
+    sweep.plan_sweep(config, grid, fixed)
+
+
+def test_missing_config_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    sweep.load_config(str(tmp_path / "nope.py") + ":cpu", {})
+
+
+def test_print_commands_writes_manifest_and_one_line_per_run(recipes, tmp_path, capsys):
+  config, probe = recipes
+  root = str(tmp_path / "sweep")
+  code = sweep.main([f"--config={config}", "--grid=temperature=0.1,0.5",
+                     "--grid=optimizer.name=sgd,lars", "--set=num_train_steps=3",
+                     f"--root={root}", f"--probe_config={probe}", "--probe_set=num_epochs=2",
+                     "--print_commands"])
+  assert code == 0
+  printed = capsys.readouterr().out.strip().splitlines()
+  with open(os.path.join(root, "commands.sh")) as f:
+    assert f.read().strip().splitlines() == printed
+  assert len(printed) == 4
+  first = printed[0]
+  run_dir = os.path.join(root, "temperature=0.1,name=sgd")
+  assert first.startswith("${PYTHON:-python} -m simclr_jax.main --config=")
+  assert f"--workdir={run_dir}" in first
+  pretrain, probe_stage = first.split(" && ")
+  assert pretrain.endswith(
+      "--config.num_train_steps=3 --config.temperature=0.1 --config.optimizer.name=sgd")
+  assert f"--workdir={os.path.join(run_dir, 'probe')}" in probe_stage
+  assert f"--config.init_from={os.path.join(run_dir, 'export')}" in probe_stage
+  assert "--config.num_epochs=2" in probe_stage and "num_epochs" not in pretrain
+  with open(os.path.join(root, "sweep.json")) as f:
+    manifest = json.load(f)
+  assert [r["name"] for r in manifest["runs"]][:2] == ["temperature=0.1,name=sgd",
+                                                      "temperature=0.1,name=lars"]
+  assert manifest["runs"][1]["values"] == {"temperature": 0.1, "optimizer.name": "lars"}
+
+
+def test_probe_overrides_are_checked_against_the_probe_recipe(recipes, tmp_path):
+  config, probe = recipes
+  with pytest.raises(ValueError, match="num_epoch"):
+    sweep.main([f"--config={config}", "--grid=temperature=0.1", f"--root={tmp_path}",
+                f"--probe_config={probe}", "--probe_set=num_epoch=2", "--print_commands"])
+
+
+def test_execute_skips_finished_runs_and_retries_failed_ones(recipes, tmp_path):
+  config, probe = recipes
+  root = str(tmp_path)
+  runs = sweep.plan_sweep(config, {"temperature": ["0.1", "0.2", "0.5"]}, {})
+  stages = sweep.build_stages(config, root, probe, {})
+  calls = []
+  failed = sweep.execute_sweep(stages, runs, fake_launcher(calls, fail_names=["0.2"]))
+  assert failed == ["temperature=0.2"]
+  # 0.1 and 0.5: pretrain + probe; 0.2: pretrain failed, so no probe.
+  assert len(calls) == 5
+  assert os.path.exists(os.path.join(root, "temperature=0.5", "probe", "results.json"))
+
+  calls.clear()
+  assert sweep.execute_sweep(stages, runs, fake_launcher(calls)) == []
+  assert [c[1] for c in calls] == [f"--workdir={os.path.join(root, 'temperature=0.2')}",
+                                   f"--workdir={os.path.join(root, 'temperature=0.2', 'probe')}"]
+
+  calls.clear()
+  assert sweep.execute_sweep(stages, runs, fake_launcher(calls)) == []
+  assert calls == []
+
+
+def test_a_launch_that_exits_zero_without_results_counts_as_failed(recipes, tmp_path):
+  config, _ = recipes
+  runs = sweep.plan_sweep(config, {"temperature": ["0.1"]}, {})
+  stages = sweep.build_stages(config, str(tmp_path))
+  assert sweep.execute_sweep(stages, runs, lambda args, log: 0) == ["temperature=0.1"]
+
+
+def test_rerunning_with_more_values_extends_the_manifest(recipes, tmp_path):
+  config, _ = recipes
+  root = str(tmp_path)
+  common = [f"--config={config}", f"--root={root}", "--print_commands"]
+  sweep.main(common + ["--grid=temperature=0.1,0.2"])
+  sweep.main(common + ["--grid=temperature=0.2,0.5"])
+  with open(os.path.join(root, "sweep.json")) as f:
+    manifest = json.load(f)
+  assert [r["name"] for r in manifest["runs"]] == [
+      "temperature=0.1", "temperature=0.2", "temperature=0.5"]
+  assert manifest["grid"] == {"temperature": ["0.1", "0.2", "0.5"]}
+  with pytest.raises(ValueError, match="another --root"):
+    sweep.main(common + ["--grid=optimizer.name=sgd"])
+  with pytest.raises(ValueError, match="another --root"):
+    sweep.main(common + ["--grid=temperature=0.1", "--set=num_train_steps=5"])
+
+
+def _finished_sweep(recipes, tmp_path, with_probe=True):
+  config, probe = recipes
+  root = str(tmp_path / "sweep")
+  args = [f"--config={config}", "--grid=temperature=0.1,0.2,0.5",
+          "--grid=optimizer.base_learning_rate=0.5,2", f"--root={root}", "--print_commands"]
+  sweep.main(args + ([f"--probe_config={probe}"] if with_probe else []))
+  runs = sweep.plan_sweep(config, {"temperature": ["0.1", "0.2", "0.5"],
+                                   "optimizer.base_learning_rate": ["0.5", "2"]}, {})
+
+  def results(workdir):
+    if workdir.endswith("probe"):
+      return {"mode": "linear_probe", "top1": 0.5 + 0.1 * ("0.5" in workdir)}
+    temperature = float(workdir.split("temperature=")[1].split(",")[0])
+    return {"mode": "pretrain", "dataset": "toy", "loss": 5 - temperature, "knn_top1": temperature}
+
+  stages = sweep.build_stages(config, root, probe if with_probe else "", {})
+  sweep.execute_sweep(stages, runs[:-1], fake_launcher([], results=results))
+  return root
+
+
+def test_aggregate_writes_sorted_table_csv_and_plot(recipes, tmp_path):
+  root = _finished_sweep(recipes, tmp_path)
+  out = str(tmp_path / "table")
+  paths = aggregate.aggregate(root, out=out, sort="knn_top1")
+  assert set(paths) == {"markdown", "csv", "plot"}
+  with open(paths["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["run", "temperature", "optimizer.base_learning_rate", "loss",
+                           "knn_top1", "probe/top1", "status"]
+  assert [r["knn_top1"] for r in rows] == ["0.5", "0.2", "0.2", "0.1", "0.1", ""]
+  assert rows[0]["probe/top1"] == "0.6" and rows[-1]["status"] == "not started"
+  with open(paths["markdown"]) as f:
+    markdown = f.read()
+  assert "Sorted by `knn_top1`, highest first." in markdown
+  assert "| temperature=0.5,base_learning_rate=0.5 | 0.5 | 0.5 | 4.5 | 0.5 | 0.6 | done |" in (
+      markdown)
+  with open(paths["plot"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_aggregate_sorts_ascending_and_reports_missing_probes(recipes, tmp_path):
+  root = _finished_sweep(recipes, tmp_path)
+  os.remove(os.path.join(root, "temperature=0.1,base_learning_rate=2", "probe", "results.json"))
+  paths = aggregate.aggregate(root, sort="loss", ascending=True)
+  with open(paths["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert [float(r["loss"]) for r in rows[:-1]] == sorted(float(r["loss"]) for r in rows[:-1])
+  statuses = {r["run"]: r["status"] for r in rows}
+  assert statuses["temperature=0.1,base_learning_rate=2"] == "probe missing"
+  with pytest.raises(ValueError, match="cannot sort by 'top5'"):
+    aggregate.aggregate(root, sort="top5")
+  with pytest.raises(ValueError, match="cannot plot"):
+    aggregate.aggregate(root, metric="top5")
+
+
+def test_aggregate_without_manifest_takes_every_run_directory(tmp_path):
+  for name, top1 in (("b", 0.2), ("a", 0.4)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps({"mode": "pretrain", "top1": top1}))
+  (tmp_path / "notes").mkdir()
+  paths = aggregate.aggregate(str(tmp_path))
+  with open(paths["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["run"], r["top1"]) for r in rows] == [("a", "0.4"), ("b", "0.2")]
+  assert "plot" in paths
+  with pytest.raises(FileNotFoundError, match="no sweep.json"):
+    aggregate.aggregate(str(tmp_path / "notes"))
+
+
+def test_aggregate_names_a_corrupt_results_file(recipes, tmp_path):
+  root = _finished_sweep(recipes, tmp_path, with_probe=False)
+  broken = os.path.join(root, "temperature=0.2,base_learning_rate=2", "results.json")
+  with open(broken, "w") as f:
+    f.write("{not json")
+  with pytest.raises(ValueError, match="results.json is not valid JSON"):
+    aggregate.aggregate(root)
+
+
+def test_ntxent_memory_per_device_temporaries_shrink_with_devices():
+  single = ntxent_memory.measure(512, 1, dim=16, timed=True, repeats=1)
+  sharded = ntxent_memory.measure(512, 8, dim=16, timed=True, repeats=1)
+  assert sharded["temp_bytes"] < single["temp_bytes"] / 3
+  assert single["seconds"] > 0 and sharded["seconds"] > 0
+  assert "| 512 | 8 |" in ntxent_memory.table([single, sharded])
+
+
+def test_train_step_benchmark_runs_the_trainer_step_and_counts_its_flops():
+  config = train_step.model_config(18, 0.125, cifar_stem=True)
+  step, (state, batch) = train_step.build_pretrain_step(config, batch_size=4, image_size=8)
+  before = jax.tree.map(np.asarray, state.params)
+  compiled = step.lower(state, batch).compile()
+  assert train_step.flops_of(compiled) > 1e6
+  state, metrics = compiled(state, batch)
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, state.params)
+  assert any(jax.tree.leaves(changed))
+
+
+def test_train_step_benchmark_rejects_an_interpreter_without_torch():
+  with pytest.raises(ValueError, match="cannot import torch"):
+    train_step.check_torch_python(sys.executable)
