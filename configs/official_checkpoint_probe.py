@@ -1,4 +1,4 @@
-r"""Linear probes of the official SimCLR ImageNet checkpoints, converted from TF1, on small datasets.
+r"""Linear probes of the official SimCLR ImageNet checkpoints, converted from TF1, on small sets.
 
   python -m simclr_jax.tools.convert_tf1_checkpoint --checkpoint=ResNet50_1x \
       --out=exports/simclrv1_r50_1x
@@ -7,8 +7,9 @@ r"""Linear probes of the official SimCLR ImageNet checkpoints, converted from TF
       --config.init_from=exports/simclrv1_r50_1x --workdir=/tmp/probe_v1_r50_1x_tf_flowers
 
 The argument is `CHECKPOINT,DATASET[,PROTOCOL]`:
-  CHECKPOINT  simclrv1_r50_{1x,2x,4x} or simclrv2_r{50,101,152}_{1x,2x}_sk{0,1}, simclrv2_r152_3x_sk1
-              (the architecture the export must have: a mismatch is an error naming the fields).
+  CHECKPOINT  simclrv1_r50_{1x,2x,4x}, simclrv2_r{50,101,152}_{1x,2x}_sk{0,1} or
+              simclrv2_r152_3x_sk1: the architecture the export must have (a mismatch is an
+              error naming the fields).
   DATASET     tf_flowers, imagenette, cifar100, cifar10, oxford_flowers102.
   PROTOCOL    lbfgs (default: the paper's transfer protocol, features of the 224 px eval crop,
               L2-regularised logistic regression) or sgd (linear head on crop + flip views).

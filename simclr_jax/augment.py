@@ -181,19 +181,21 @@ def color_jitter(key: jax.Array, image: jax.Array, *, strength: float,
                  brightness_impl: str = "simclrv2", random_order: bool = True) -> jax.Array:
   """The official colour distortion: brightness, contrast and saturation factors U[1-0.8s,
   1+0.8s] (v1 brightness: delta U[-0.8s, 0.8s]), hue shift U[-0.2s, 0.2s], random order."""
-  k_brightness, k_contrast, k_saturation, k_hue, k_order = jax.random.split(key, 5)
+  # One draw for everything: each random-number call costs XLA compile and run time.
+  uniform = jax.random.uniform(key, (8,))
+  between = lambda u, low, high: low + u * (high - low)
   amount = 0.8 * strength
   if brightness_impl == "simclrv2":
-    brightness = jax.random.uniform(k_brightness, minval=max(1.0 - amount, 0.0),
-                                    maxval=1.0 + amount)
+    brightness = between(uniform[0], max(1.0 - amount, 0.0), 1.0 + amount)
   else:
-    brightness = jax.random.uniform(k_brightness, minval=-amount, maxval=amount)
-  order = jax.random.permutation(k_order, 4) if random_order else jnp.arange(4)
+    brightness = between(uniform[0], -amount, amount)
+  # The ranks of 4 i.i.d. uniforms are a uniformly random permutation.
+  order = jnp.argsort(uniform[4:]) if random_order else jnp.arange(4)
   return apply_color_jitter(
       image, order, brightness=brightness,
-      contrast=jax.random.uniform(k_contrast, minval=1.0 - amount, maxval=1.0 + amount),
-      saturation=jax.random.uniform(k_saturation, minval=1.0 - amount, maxval=1.0 + amount),
-      hue=jax.random.uniform(k_hue, minval=-0.2 * strength, maxval=0.2 * strength),
+      contrast=between(uniform[1], 1.0 - amount, 1.0 + amount),
+      saturation=between(uniform[2], 1.0 - amount, 1.0 + amount),
+      hue=between(uniform[3], -0.2 * strength, 0.2 * strength),
       brightness_impl=brightness_impl)
 
 
@@ -213,9 +215,9 @@ def sample_crop_box(key: jax.Array, height: int, width: int, *, area_range=(0.08
   As in TF, offsets are uniform in [0, side - crop_side) (so only a full-size crop reaches the
   last row or column).
   """
-  k_ratio, k_height, k_top, k_left = jax.random.split(key, 4)
-  ratio = jax.random.uniform(k_ratio, (max_attempts,), minval=aspect_ratio_range[0],
-                             maxval=aspect_ratio_range[1])
+  uniform = jax.random.uniform(key, (2 * max_attempts + 2,))
+  ratio_uniform, height_uniform = uniform[:max_attempts], uniform[max_attempts:-2]
+  ratio = aspect_ratio_range[0] + ratio_uniform * (aspect_ratio_range[1] - aspect_ratio_range[0])
   image_area = float(height * width)
   min_area = jnp.float32(area_range[0] * image_area)
   max_area = jnp.float32(area_range[1] * image_area)
@@ -228,8 +230,7 @@ def sample_crop_box(key: jax.Array, height: int, width: int, *, area_range=(0.08
   max_height = jnp.where(jnp.round(max_height * ratio) > width, fitting_height, max_height)
   max_height = jnp.minimum(max_height, height)
   crop_height = jnp.minimum(crop_height, max_height)
-  crop_height += jnp.floor(jax.random.uniform(k_height, (max_attempts,))
-                           * (max_height - crop_height + 1))
+  crop_height += jnp.floor(height_uniform * (max_height - crop_height + 1))
   crop_width = jnp.round(crop_height * ratio)
   # TF's repair of rounding errors: one step up if too small, then one step down if too large.
   too_small = crop_width * crop_height < min_area
@@ -246,8 +247,8 @@ def sample_crop_box(key: jax.Array, height: int, width: int, *, area_range=(0.08
   found = valid[first]
   crop_height = jnp.where(found, crop_height[first], height).astype(jnp.int32)
   crop_width = jnp.where(found, crop_width[first], width).astype(jnp.int32)
-  top = jnp.floor(jax.random.uniform(k_top) * (height - crop_height)).astype(jnp.int32)
-  left = jnp.floor(jax.random.uniform(k_left) * (width - crop_width)).astype(jnp.int32)
+  top = jnp.floor(uniform[-2] * (height - crop_height)).astype(jnp.int32)
+  left = jnp.floor(uniform[-1] * (width - crop_width)).astype(jnp.int32)
   return jnp.stack([top, left, crop_height, crop_width])
 
 
@@ -343,10 +344,8 @@ def cutout(image: jax.Array, center_y, center_x, side: int) -> jax.Array:
 
 def random_cutout(key: jax.Array, image: jax.Array, *, size: float) -> jax.Array:
   """Cutout (DeVries & Taylor 2017): square side `size` x the height, centre anywhere."""
-  k_y, k_x = jax.random.split(key)
-  center_y = jax.random.randint(k_y, (), 0, image.shape[0])
-  center_x = jax.random.randint(k_x, (), 0, image.shape[1])
-  return cutout(image, center_y, center_x, max(1, int(round(size * image.shape[0]))))
+  center = jax.random.randint(key, (2,), 0, jnp.array(image.shape[:2]))
+  return cutout(image, center[0], center[1], max(1, int(round(size * image.shape[0]))))
 
 
 def gaussian_noise(key: jax.Array, image: jax.Array, *, std: float) -> jax.Array:
@@ -567,10 +566,14 @@ def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = Tr
     image = image.astype(jnp.float32)
     if resize_first:
       image = jnp.clip(resize(image, image_size), 0.0, 1.0)
-    for index, (op, function) in enumerate(zip(ops, functions)):
-      k_apply, k_op = jax.random.split(jax.random.fold_in(key, index))
+    if not ops:
+      return jnp.clip(image, 0.0, 1.0)
+    coins_key, ops_key = jax.random.split(key)
+    coins = jax.random.uniform(coins_key, (len(ops),))
+    op_keys = jax.random.split(ops_key, len(ops))
+    for op, function, coin, k_op in zip(ops, functions, coins, op_keys):
       p = probability(op, view)
-      apply = jax.random.uniform(k_apply) < p
+      apply = coin < p
       if op in CROP_OPS:
         height, width = image.shape[:2]
         box = jnp.where(apply, function(k_op, height, width),

@@ -4,8 +4,8 @@ The official graph is built with `tf.layers`, which names layers by creation ord
 `base_model/conv2d{,_1,...}/kernel` and `base_model/batch_normalization{,_1,...}/{gamma, beta,
 moving_mean, moving_variance}`. In each block the projection shortcut (conv + BN) is created first,
 then the main path; selective-kernel (SK) blocks replace the 3x3 conv by conv(2f) -> BN ->
-conv(mid) -> BN -> conv(2f, no BN); SK models also use the ResNet-D stem (three 3x3 convs). Heads are
-`head_contrastive/nl_{i}/{dense, batch_normalization}` (the last BN has no beta) and
+conv(mid) -> BN -> conv(2f, no BN); SK models also use the ResNet-D stem (three 3x3 convs). Heads
+are `head_contrastive/nl_{i}/{dense, batch_normalization}` (the last BN has no beta) and
 `head_supervised/linear_layer/dense/{kernel, bias}`. SimCLRv2 files also hold `ema_model/` copies
 and optimizer slots, which are skipped.
 
@@ -65,8 +65,9 @@ class Conversion:
 
 
 def resolve_checkpoint_prefix(checkpoint: str) -> str:
-  """A TF checkpoint prefix from a prefix or a directory holding one checkpoint (or a
-  `checkpoint` index file naming one that exists)."""
+  """The TF checkpoint prefix of a prefix, one of its files, or a directory holding one checkpoint
+  (or several and a `checkpoint` state file naming one that exists)."""
+  checkpoint = re.sub(r"\.(index|meta|data-\d+-of-\d+)$", "", checkpoint)
   if os.path.isfile(checkpoint + ".index"):
     return checkpoint
   if not os.path.isdir(checkpoint):
@@ -82,8 +83,9 @@ def resolve_checkpoint_prefix(checkpoint: str) -> str:
     return latest
   if not prefixes:
     raise FileNotFoundError(f"{checkpoint} holds no TF checkpoint (no *.index file)")
-  raise ValueError(f"{checkpoint} holds several checkpoints {[os.path.basename(p) for p in prefixes]}"
-                   "; pass the prefix of the one to convert")
+  names = [os.path.basename(prefix) for prefix in prefixes]
+  raise ValueError(f"{checkpoint} holds several checkpoints {names}; pass the prefix of the one "
+                   "to convert")
 
 
 def _is_skipped(name: str) -> bool:
@@ -132,7 +134,8 @@ def infer_model_config(shapes: Mapping[str, Sequence[int]], *, depth: int | None
     cifar_stem, stem_convs, stem_width = False, 3, kernels[2][3]
   else:
     raise ValueError(f"base_model/conv2d/kernel has shape {first}; an official stem starts with a "
-                     "7x7x3 conv (ImageNet), a 3x3x3 conv (CIFAR) or three 3x3 convs (ResNet-D, SK)")
+                     "7x7x3 conv (ImageNet), a 3x3x3 conv (CIFAR) or three 3x3 convs (ResNet-D, "
+                     "SK)")
   shortcut = kernels[stem_convs] if len(kernels) > stem_convs else None
   if shortcut is None or shortcut[:3] != (1, 1, stem_width):
     raise ValueError(f"{_tf_layer_name('conv2d', stem_convs)}/kernel has shape {shortcut}; the "
@@ -358,6 +361,8 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, depth: int | None = Non
   if supervised_head_input not in SUPERVISED_HEAD_INPUTS:
     raise ValueError(f"supervised_head_input must be one of {SUPERVISED_HEAD_INPUTS}, got "
                      f"{supervised_head_input!r}")
+  if os.path.exists(os.path.join(out_dir, export.VARIABLES_DIR)):  # before reading gigabytes
+    raise FileExistsError(f"{out_dir} already holds an export; choose a new directory")
   conversion = plan_conversion(checkpoint, depth=depth, width_multiplier=width_multiplier,
                                sk_ratio=sk_ratio)
   if supervised_head_input == "hidden1" and not conversion.has_projection_head:

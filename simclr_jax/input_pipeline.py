@@ -62,7 +62,7 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class _Range:
-  """Examples [start, stop) of a stored split; their index in the requested split starts at first_index."""
+  """Examples [start, stop) of a stored split, at positions first_index... of the requested one."""
   split: str
   start: int
   stop: int

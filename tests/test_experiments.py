@@ -42,14 +42,17 @@ def get_config(arg=None):
   config.num_train_steps = 10
   config.augment_preset = 'simclr_cifar'
   config.optimizer = ml_collections.ConfigDict({'name': 'lars', 'base_learning_rate': 1.0})
-  config.model = ml_collections.ConfigDict({'width_multiplier': 1.0})
+  config.model = ml_collections.ConfigDict({'depth': 18, 'width_multiplier': 1.0})
+  config.data_dir = ''
   return config
 """
 PROBE_CONFIG = """
 import ml_collections
 
 def get_config(arg=None):
-  return ml_collections.ConfigDict({'mode': 'linear_probe', 'init_from': '', 'num_epochs': 1})
+  return ml_collections.ConfigDict({
+      'mode': 'linear_probe', 'init_from': '', 'num_epochs': 1, 'data_dir': '',
+      'model': ml_collections.ConfigDict({'depth': 18, 'width_multiplier': 0.25})})
 """
 
 
@@ -166,6 +169,22 @@ def test_print_commands_writes_manifest_and_one_line_per_run(recipes, tmp_path, 
   assert [r["name"] for r in manifest["runs"]][:2] == ["temperature=0.1,name=sgd",
                                                       "temperature=0.1,name=lars"]
   assert manifest["runs"][1]["values"] == {"temperature": 0.1, "optimizer.name": "lars"}
+
+
+def test_probe_gets_the_pretrained_model_and_data_dir(recipes, tmp_path):
+  config, probe = recipes
+  runs = sweep.plan_sweep(config, {"model.width_multiplier": ["0.25", "0.5"]},
+                          {"data_dir": "/data/tfds"})
+  probe_stage = sweep.build_stages(config, str(tmp_path), probe, {"num_epochs": "3"})[1]
+  assert probe_stage.overrides(runs[0]) == {
+      "data_dir": "/data/tfds", "num_epochs": "3",
+      "init_from": os.path.join(str(tmp_path), "width_multiplier=0.25", "export")}
+  assert probe_stage.overrides(runs[1])["model.width_multiplier"] == "0.5"
+  explicit = sweep.build_stages(config, str(tmp_path), probe,
+                                {"model.width_multiplier": "2"})[1]
+  assert explicit.overrides(runs[1])["model.width_multiplier"] == "2"
+  with pytest.raises(ValueError, match="init_from"):
+    sweep.build_stages(config, str(tmp_path), probe, {"init_from": "x"})
 
 
 def test_probe_overrides_are_checked_against_the_probe_recipe(recipes, tmp_path):

@@ -1,0 +1,1 @@
+"""Datasets that ship with the package, generated from code (no download)."""

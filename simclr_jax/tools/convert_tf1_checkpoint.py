@@ -8,6 +8,7 @@ a checkpoint against a known architecture. The export is what `config.init_from`
 """
 from absl import app
 from absl import flags
+from absl import logging
 
 from simclr_jax import convert_tf1
 
@@ -26,6 +27,7 @@ _SUPERVISED_HEAD_INPUT = flags.DEFINE_enum(
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of the save at INFO
   conversion = convert_tf1.convert_checkpoint(
       _CHECKPOINT.value, _OUT.value, depth=_DEPTH.value, width_multiplier=_WIDTH.value,
       sk_ratio=_SK_RATIO.value, supervised_head_input=_SUPERVISED_HEAD_INPUT.value)

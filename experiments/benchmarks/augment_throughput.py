@@ -1,0 +1,192 @@
+"""Two-view augmentation throughput: on-device JAX (jit + vmap) vs per-image tf.image in tf.data.
+
+Both sides run the same augmentation config (a `simclr_jax.augment` preset) on the same real
+CIFAR-10 images, held in memory as uint8 so neither side measures decoding, in the same process
+on the same CPU. The tf.data side is what the official SimCLR code does: a parallel `map` of
+per-image `tf.image` calls (sample_distorted_bounding_box crop + bicubic resize, random flip,
+colour jitter in random order, grayscale, depthwise-conv blur). The JAX side jits one function
+that vmaps `build_augmentation(...)` over a batch, with per-image keys derived as the trainer does.
+Rounds alternate between the two so a busy machine slows both alike; medians are reported.
+
+Run from the repository root:
+  python -m experiments.benchmarks.augment_throughput --data_dir=DATA_DIR
+"""
+import argparse
+import datetime
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from simclr_jax import augment
+
+TF_SUPPORTED_OPS = ("random_resized_crop", "flip", "color_jitter", "grayscale", "blur")
+
+
+def load_images(data_dir: str, count: int, size: int) -> np.ndarray:
+  """The first `count` CIFAR-10 train images as uint8 [N, size, size, 3] (bicubic if resized)."""
+  images = tfds.as_numpy(tfds.load("cifar10", split=f"train[:{count}]", data_dir=data_dir,
+                                   batch_size=-1, download=False))["image"]
+  if size != images.shape[1]:
+    resized = tf.image.resize(images, (size, size), method="bicubic")
+    images = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+  return images
+
+
+def tf_view_function(config, size: int, view: int):
+  """One augmented view with per-image tf.image ops, following the official data_util.py."""
+  for op in config.ops:
+    if op not in TF_SUPPORTED_OPS:
+      raise ValueError(f"the tf.data reference implements {TF_SUPPORTED_OPS}, not {op!r}")
+
+  def probability(op):
+    p = config[op].p
+    return float(p[view] if isinstance(p, (tuple, list)) else p)
+
+  def random_apply(p, function, image):
+    return tf.cond(tf.random.uniform([]) < p, lambda: function(image), lambda: image)
+
+  def crop(image):
+    params = config.random_resized_crop
+    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        min_object_covered=params.min_object_covered,
+        aspect_ratio_range=(params.aspect_ratio_min, params.aspect_ratio_max),
+        area_range=(params.area_min, params.area_max), max_attempts=params.max_attempts,
+        use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, crop_size)
+    return tf.clip_by_value(tf.image.resize(image, (size, size), method="bicubic"), 0.0, 1.0)
+
+  def jitter(image):
+    params = config.color_jitter
+    amount, hue = 0.8 * params.strength, 0.2 * params.strength
+    if params.brightness_impl == "simclrv2":
+      brightness = lambda x: x * tf.random.uniform([], max(1.0 - amount, 0.0), 1.0 + amount)
+    else:
+      brightness = lambda x: tf.image.random_brightness(x, amount)
+    transforms = (brightness,
+                  lambda x: tf.image.random_contrast(x, 1.0 - amount, 1.0 + amount),
+                  lambda x: tf.image.random_saturation(x, 1.0 - amount, 1.0 + amount),
+                  lambda x: tf.image.random_hue(x, hue))
+    order = tf.random.shuffle(tf.range(4)) if params.random_order else tf.range(4)
+    for position in range(4):
+      image = tf.switch_case(order[position],
+                             [lambda t=t: t(image) for t in transforms])
+      image = tf.clip_by_value(image, 0.0, 1.0)
+    return image
+
+  def blur(image):
+    params = config.blur
+    sigma = tf.random.uniform([], params.sigma_min, params.sigma_max)
+    radius = int(size * params.kernel_fraction) // 2
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    taps = tf.exp(-offsets ** 2 / (2.0 * sigma ** 2))
+    taps /= tf.reduce_sum(taps)
+    horizontal = tf.tile(tf.reshape(taps, [1, -1, 1, 1]), [1, 1, 3, 1])
+    vertical = tf.tile(tf.reshape(taps, [-1, 1, 1, 1]), [1, 1, 3, 1])
+    image = tf.nn.depthwise_conv2d(image[None], horizontal, [1, 1, 1, 1], "SAME")
+    image = tf.nn.depthwise_conv2d(image, vertical, [1, 1, 1, 1], "SAME")[0]
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+  functions = {
+      "random_resized_crop": crop,
+      "flip": tf.image.flip_left_right,
+      "color_jitter": jitter,
+      "grayscale": lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]),
+      "blur": blur,
+  }
+
+  def view_function(image):
+    for op in config.ops:
+      image = random_apply(probability(op), functions[op], image)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+  return view_function
+
+
+def tf_pass(images: np.ndarray, config, size: int, batch_size: int) -> float:
+  """Images per second of one pass of the parallel tf.data map over `images`."""
+  views = [tf_view_function(config, size, view) for view in (0, 1)]
+
+  def two_views(image):
+    image = tf.cast(image, tf.float32) / 255.0
+    return views[0](image), views[1](image)
+
+  dataset = (tf.data.Dataset.from_tensor_slices(images)
+             .map(two_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+  start = time.perf_counter()
+  count = sum(int(first.shape[0]) for first, _ in dataset)
+  return count / (time.perf_counter() - start)
+
+
+def jax_two_views(config, size: int):
+  """jit(two views of a batch), keys per image from (step, global index) as in the trainer."""
+  augment_view = augment.build_augmentation(config, size)
+
+  @jax.jit
+  def two_views(base_key, step, images, indices):
+    step_key = jax.random.fold_in(base_key, step)
+    keys = jax.vmap(lambda index: jax.random.split(jax.random.fold_in(step_key, index)))(indices)
+    first = jax.vmap(lambda key, image: augment_view(key, image, 0))(keys[:, 0], images)
+    second = jax.vmap(lambda key, image: augment_view(key, image, 1))(keys[:, 1], images)
+    return first, second
+
+  return two_views
+
+
+def jax_pass(two_views, images: np.ndarray, batch_size: int) -> float:
+  """Images per second of one pass over `images`, host-to-device copy included."""
+  base_key = jax.random.key(0)
+  start = time.perf_counter()
+  for step, first in enumerate(range(0, len(images) - batch_size + 1, batch_size)):
+    batch = jax.device_put(images[first:first + batch_size])
+    indices = jnp.arange(first, first + batch_size, dtype=jnp.int32)
+    jax.block_until_ready(two_views(base_key, step, batch, indices))
+  return (len(images) // batch_size) * batch_size / (time.perf_counter() - start)
+
+
+def measure(args, preset: str, size: int, count: int):
+  config = augment.get_preset(preset)
+  images = load_images(args.data_dir, count, size)
+  two_views = jax_two_views(config, size)
+  jax_pass(two_views, images[:args.batch_size], args.batch_size)  # compile
+  tf_pass(images[:args.batch_size], config, size, args.batch_size)  # trace
+  tf_rates, jax_rates = [], []
+  for _ in range(args.rounds):
+    tf_rates.append(tf_pass(images, config, size, args.batch_size))
+    jax_rates.append(jax_pass(two_views, images, args.batch_size))
+  return statistics.median(tf_rates), statistics.median(jax_rates)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data_dir", required=True, help="TFDS data_dir with cifar10 prepared")
+  parser.add_argument("--num_images", type=int, default=4096, help="images per pass at 32 px")
+  parser.add_argument("--num_images_224", type=int, default=256,
+                      help="images per pass for simclr_imagenet at 224 px; 0 skips it")
+  parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument("--rounds", type=int, default=3, help="alternating passes per pipeline")
+  args = parser.parse_args()
+  tf.config.set_visible_devices([], "GPU")
+
+  runs = [("simclr_cifar", 32, args.num_images)]
+  if args.num_images_224:
+    runs.append(("simclr_imagenet", 224, args.num_images_224))
+  print(f"{datetime.date.today()}  jax {jax.__version__} ({jax.devices()[0].platform}), "
+        f"tensorflow {tf.__version__}, batch {args.batch_size}, median of {args.rounds} rounds")
+  print("\n| preset | image size | tf.data + tf.image (images/s) | JAX jit+vmap (images/s) "
+        "| JAX / TF |\n|---|---|---|---|---|")
+  for preset, size, count in runs:
+    tf_rate, jax_rate = measure(args, preset, size, count)
+    print(f"| {preset} | {size} | {tf_rate:,.0f} | {jax_rate:,.0f} | {jax_rate / tf_rate:.1f}x |",
+          flush=True)
+  print("\nimages/s = images per second, each image giving two augmented views.")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,290 @@
+"""The trainer: 1 device == 8 devices, the probe cannot touch the encoder, exact resume, safe stops.
+
+Everything runs the smoke recipe (ResNet-18 at width 1/8, 32 px, batch 32) on the generated
+`synthetic_shapes`, prepared into a temporary data_dir.
+"""
+import json
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import smoke_pretrain
+from simclr_jax import augment
+from simclr_jax import checkpointing
+from simclr_jax import export
+from simclr_jax import input_pipeline
+from simclr_jax import models
+from simclr_jax import optim
+from simclr_jax import sharding
+from simclr_jax import train
+
+DATASET = "synthetic_shapes"
+# 1 vs 8 devices in float32: the same maths summed in a different order (BN statistics, psum of
+# gradient shares, all-gathered similarity rows). Three LARS steps keep every leaf within this
+# relative distance of the 1-device value (measured: ~7e-6 at worst, on BN scale momenta).
+DEVICE_COUNT_RTOL = 3e-5
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  directory = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.get_dataset_info(DATASET, data_dir=directory)  # generates it once
+  return directory
+
+
+def smoke_config(data_dir: str, **overrides):
+  config = smoke_pretrain.get_config()
+  config.data_dir = data_dir
+  config.knn_every_steps = 0
+  for dotted, value in overrides.items():
+    *parents, name = dotted.split("__")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def build(config, mesh):
+  """Model, optimizer, initial state and compiled step for `mesh`, as pretrain builds them."""
+  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  model = models.create_model(config.model, num_classes=info.num_classes,
+                              axis_name=sharding.DATA_AXIS)
+  total_steps, warmup_steps = 10, 2
+  schedule = optim.learning_rate_schedule(
+      config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
+      global_batch_size=config.global_batch_size, total_steps=total_steps,
+      warmup_steps=warmup_steps)
+  optimizer = optim.create_optimizer("lars", schedule,
+                                     weight_decay=config.optimizer.weight_decay)
+  augment_view = augment.build_augmentation(config.augment, config.image_size)
+  state = train.create_train_state(model, optimizer, seed=config.seed,
+                                   image_size=config.image_size, mesh=mesh)
+  step = train.make_train_step(model, optimizer, augment_view, temperature=config.temperature,
+                               learning_rate_fn=schedule, mesh=mesh)
+  batches = input_pipeline.create_train_iterator(
+      config.dataset, data_dir=config.data_dir, split=config.train_split,
+      global_batch_size=config.global_batch_size, image_size=config.image_size,
+      host_crop_views=0, seed=config.seed, mesh=mesh)
+  return state, step, batches
+
+
+def run_steps(config, mesh, num_steps):
+  state, step, batches = build(config, mesh)
+  initial_state = jax.device_get(state)
+  inputs, metrics = [], []
+  for _ in range(num_steps):
+    batch = next(batches)
+    inputs.append(jax.device_get(batch))
+    state, step_metrics = step(state, batch)
+    metrics.append(jax.device_get(step_metrics))
+  return jax.device_get(state), metrics, inputs, step, initial_state
+
+
+@pytest.fixture(scope="module")
+def one_and_eight_devices(data_dir):
+  config = smoke_config(data_dir)
+  one = run_steps(config, sharding.create_mesh(jax.devices()[:1]), 3)
+  eight = run_steps(config, sharding.create_mesh(), 3)
+  return config, one, eight
+
+
+def test_three_steps_on_one_device_equal_three_steps_on_eight(one_and_eight_devices):
+  _, (state_1, metrics_1, inputs_1, *_), (state_8, metrics_8, inputs_8, *_) = (
+      one_and_eight_devices)
+  for batch_1, batch_8 in zip(inputs_1, inputs_8):  # the same global batches ...
+    for key in ("image", "label", "index"):
+      np.testing.assert_array_equal(batch_1[key], batch_8[key])
+  for step_1, step_8 in zip(metrics_1, metrics_8):  # ... give the same losses ...
+    for name in ("loss", "probe_loss", "contrastive_accuracy", "grad_norm", "param_norm"):
+      np.testing.assert_allclose(step_8[name], step_1[name], rtol=DEVICE_COUNT_RTOL)
+  assert metrics_1[-1]["learning_rate"] > 0
+  assert int(state_1.step) == int(state_8.step) == 3
+  np.testing.assert_array_equal(state_1.rng, state_8.rng)
+  # ... and the same params, BN statistics and optimizer state, leaf by leaf.
+  leaves_1 = jax.tree_util.tree_leaves_with_path(state_1)
+  leaves_8 = jax.tree.leaves(state_8)
+  assert len(leaves_1) == len(leaves_8)
+  for (path, leaf_1), leaf_8 in zip(leaves_1, leaves_8):
+    scale = max(float(np.max(np.abs(leaf_1))), 1e-3) if np.size(leaf_1) else 1.0
+    np.testing.assert_allclose(leaf_8, leaf_1, rtol=0, atol=DEVICE_COUNT_RTOL * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  moved_means = [np.any(leaf != 0) for path, leaf in jax.tree_util.tree_leaves_with_path(
+      state_1.batch_stats) if "mean" in jax.tree_util.keystr(path)]
+  assert moved_means and all(moved_means), "BN running means never moved"
+
+
+def test_online_probe_cannot_change_the_encoder(one_and_eight_devices, data_dir):
+  config, _, (_, _, inputs, step, initial_state) = one_and_eight_devices
+  mesh = sharding.create_mesh()
+  batch = jax.device_put(inputs[0], sharding.batch_sharded(mesh))
+  shuffled = dict(batch, label=jax.device_put((inputs[0]["label"] + 3) % 10,
+                                              sharding.batch_sharded(mesh)))
+  after_true, _ = step(jax.device_put(initial_state, sharding.replicated(mesh)), batch)
+  after_shuffled, _ = step(jax.device_put(initial_state, sharding.replicated(mesh)), shuffled)
+  after_true, after_shuffled = jax.device_get((after_true, after_shuffled))
+  for part in ("encoder", "projection_head"):  # labels reach only the probe ...
+    jax.tree.map(np.testing.assert_array_equal, after_true.params[part],
+                 after_shuffled.params[part])
+    jax.tree.map(np.testing.assert_array_equal, after_true.batch_stats[part],
+                 after_shuffled.batch_stats[part])
+  assert not np.array_equal(after_true.params["linear_head"]["dense"]["kernel"],
+                            after_shuffled.params["linear_head"]["dense"]["kernel"])
+
+  # ... because the probe's loss has exactly zero gradient w.r.t. everything but its head.
+  model = models.create_model(config.model, num_classes=10)
+  loss_fn = train.make_loss_fn(model, temperature=config.temperature, axis_name=None)
+  views = jnp.asarray(inputs[0]["image"][:8], jnp.float32).repeat(2, axis=0)[:16] / 255
+  probe_loss = lambda params: loss_fn(params, initial_state.batch_stats, views,
+                                     jnp.asarray(inputs[0]["label"][:8]))[1][0]["probe_loss"]
+  probe_grads = jax.jit(jax.grad(probe_loss))(initial_state.params)
+  for part in ("encoder", "projection_head"):
+    assert all(np.all(g == 0) for g in jax.tree.leaves(probe_grads[part])), part
+  assert np.any(probe_grads["linear_head"]["dense"]["kernel"] != 0)
+
+
+def state_at(workdir: str, step: int) -> dict:
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(workdir, train.CHECKPOINT_DIR, str(step),
+                                             checkpointing.STATE))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  config = smoke_config(data_dir, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3,
+                        log_every_steps=2, knn_every_steps=2, knn_train_examples=128,
+                        knn_eval_examples=64)
+  return config, workdir, train.pretrain(config, workdir)
+
+
+def test_pretrain_writes_metrics_checkpoints_export_and_results(finished_run):
+  config, workdir, results = finished_run
+  assert results["mode"] == "pretrain" and results["dataset"] == DATASET
+  assert results["step"] == 4 and results["num_devices"] == 8
+  for name in ("loss", "contrastive_accuracy", "contrastive_entropy", "probe_loss", "probe_top1",
+               "knn_top1", "learning_rate", "grad_norm", "param_norm", "pairs_per_sec"):
+    assert np.isfinite(results[name]), name
+  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    assert json.load(f) == results
+  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4]
+  assert [r["step"] for r in records if "knn_top1" in r] == [2, 4]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  assert os.path.getsize(os.path.join(workdir, train.LOSS_CURVE_FILE)) > 10_000
+  assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR))) == ["2", "4"]
+  encoder = export.load_encoder(os.path.join(workdir, train.EXPORT_DIR))
+  assert set(encoder.params) == {"encoder", "projection_head"}
+  assert encoder.model_config.width_multiplier == config.model.width_multiplier
+  final = state_at(workdir, 4)
+  jax.tree.map(np.testing.assert_array_equal, encoder.params["encoder"],
+               final["params"]["encoder"])
+  assert int(final["step"]) == 4
+  # A finished workdir is not trained again.
+  assert train.pretrain(config, workdir) == results
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_parameters(finished_run,
+                                                                     tmp_path):
+  config, uninterrupted, _ = finished_run
+  # The workdir a run killed between steps 2 and 4 leaves: only its step-2 checkpoint.
+  killed = str(tmp_path / "killed")
+  shutil.copytree(os.path.join(uninterrupted, train.CHECKPOINT_DIR, "2"),
+                  os.path.join(killed, train.CHECKPOINT_DIR, "2"))
+  results = train.pretrain(config, killed)
+  assert results["start_step"] == 2 and results["step"] == 4
+  # Bitwise: same program, same devices, same batches (the iterator restarts at step 2).
+  jax.tree.map(np.testing.assert_array_equal, state_at(killed, 4), state_at(uninterrupted, 4))
+
+
+class FakeStep:
+  """Stands in for the compiled step: finite metrics, except what a test asks for at a step."""
+
+  def __init__(self, on_step):
+    self.on_step = on_step
+
+  def __call__(self, state, batch):
+    del batch
+    step = int(state.step) + 1
+    metrics = {name: jnp.float32(1.0) for name in (
+        "loss", "probe_loss", "probe_top1", "contrastive_accuracy", "contrastive_entropy",
+        "grad_norm", "param_norm", "learning_rate")}
+    metrics.update(self.on_step(step))
+    return state.replace(step=state.step + 1), metrics
+
+
+def test_nan_stops_the_run_naming_step_and_metric_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(train, "make_train_step", lambda *args, **kwargs: FakeStep(
+      lambda step: {"grad_norm": jnp.float32(np.nan)} if step == 5 else {}))
+  config = smoke_config(data_dir, num_train_steps=8, checkpoint_every_steps=2, log_every_steps=4)
+  with pytest.raises(FloatingPointError, match=r"grad_norm is nan at step 5.*step 4"):
+    train.pretrain(config, str(tmp_path))
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / train.CHECKPOINT_DIR), keep=3)
+  assert checkpointer.all_steps() == [2, 4]  # step 6 was never saved
+  checkpointer.close()
+  assert not os.path.exists(tmp_path / train.EXPORT_DIR)
+
+
+def test_sigterm_checkpoints_the_current_step_then_stops(data_dir, tmp_path, monkeypatch):
+  def send_sigterm(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+  monkeypatch.setattr(train, "make_train_step", lambda *args, **kwargs: FakeStep(send_sigterm))
+  config = smoke_config(data_dir, num_train_steps=8, checkpoint_every_steps=100)
+  with pytest.raises(train.Preempted, match="after step 3") as stopped:
+    train.pretrain(config, str(tmp_path))
+  assert stopped.value.step == 3
+  assert os.listdir(tmp_path / train.CHECKPOINT_DIR) == ["3"]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was removed again
+
+
+def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  mesh = sharding.create_mesh()
+  state = jax.device_put({"w": np.arange(4.0), "step": np.int32(0)}, sharding.replicated(mesh))
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path), keep=3)
+  for step in (1, 2):
+    checkpointer.save(step, dict(state, step=np.int32(step)), {"step": step})
+  checkpointer.wait_until_finished()
+  shutil.rmtree(tmp_path / "2" / checkpointing.STATE)  # e.g. a disk that lost files
+  restored, record = checkpointer.restore_latest(state)
+  assert record == {"step": 1} and int(restored["step"]) == 1
+  assert checkpointer.all_steps() == [1]
+  assert any(name.startswith(checkpointing.CORRUPT_PREFIX + "2-") for name in os.listdir(tmp_path))
+  shutil.rmtree(tmp_path / "1" / checkpointing.STATE)
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint .* can be restored"):
+    checkpointer.restore_latest(state)
+  checkpointer.close()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("global_batch_size", 36, "multiple of the number of devices"),
+    ("temperature", 0.0, "temperature"),
+    ("model__depth", 19, "depth"),
+    ("augment__ops", ("random_resized_crop", "sharpen"), "sharpen"),
+    ("dtype", "float16", "dtype"),
+    ("train_split", "validation", "split 'validation'"),
+    ("optimizer__name", "adam", "optimizer.name"),
+])
+def test_bad_configs_fail_before_compiling(data_dir, tmp_path, field, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.pretrain(smoke_config(data_dir, **{field: value}), str(tmp_path))
+  assert not os.path.exists(tmp_path / train.CHECKPOINT_DIR)
+
+
+def test_resuming_with_another_batch_size_is_refused(finished_run, tmp_path):
+  config, uninterrupted, _ = finished_run
+  shutil.copytree(os.path.join(uninterrupted, train.CHECKPOINT_DIR, "2"),
+                  os.path.join(tmp_path, train.CHECKPOINT_DIR, "2"))
+  config = smoke_config(config.data_dir, num_train_steps=4, global_batch_size=64)
+  with pytest.raises(ValueError, match="global_batch_size=32 but the config says"):
+    train.pretrain(config, str(tmp_path))
