@@ -1,7 +1,7 @@
 r"""Results table and plot of a sweep: one row per run, its swept values and final metrics.
 
   python experiments/aggregate.py SWEEP_DIR [--sort=probe/top1] [--ascending] [--metric=...]
-      [--out=DIR]
+      [--columns=loss,knn_top1,probe/top1] [--out=DIR]
 
 Reads `SWEEP_DIR/sweep.json` (written by experiments/sweep.py: the runs and their swept values)
 and each run's `results.json` (and `probe/results.json`, whose metrics get a `probe/` prefix).
@@ -191,8 +191,12 @@ def write_plot(path: str, rows, swept: Sequence[str], metric: str) -> bool:
 
 
 def aggregate(root: str, *, out: str | None = None, sort: str | None = None,
-              ascending: bool = False, metric: str | None = None) -> dict[str, str]:
-  """Writes results.md/.csv/.png for the sweep in root; returns the paths written."""
+              ascending: bool = False, metric: str | None = None,
+              columns: Sequence[str] = ()) -> dict[str, str]:
+  """Writes results.md/.csv/.png for the sweep in root; returns the paths written.
+
+  `columns` limits the markdown table's metrics (the CSV keeps them all).
+  """
   manifest = load_manifest(root)
   swept = list(manifest.get("grid", {}))
   rows = collect_rows(root, manifest)
@@ -205,12 +209,15 @@ def aggregate(root: str, *, out: str | None = None, sort: str | None = None,
   plot_metric = metric or sort or default_metric(metrics)
   if metric and metric not in metrics:
     raise ValueError(f"cannot plot {metric!r}: the runs report {list(metrics)}")
+  unknown = [c for c in columns if c not in metrics]
+  if unknown:
+    raise ValueError(f"unknown --columns {unknown}: the runs report {list(metrics)}")
   out = out or root
   os.makedirs(out, exist_ok=True)
-  columns = ["run", *swept, *metrics, "status"]
   paths = {"markdown": os.path.join(out, "results.md"), "csv": os.path.join(out, "results.csv")}
-  write_markdown(paths["markdown"], rows, columns, manifest, sort_note)
-  write_csv(paths["csv"], rows, columns)
+  write_markdown(paths["markdown"], rows, ["run", *swept, *(columns or metrics), "status"],
+                 manifest, sort_note)
+  write_csv(paths["csv"], rows, ["run", *swept, *metrics, "status"])
   if plot_metric and write_plot(os.path.join(out, "results.png"), rows, swept, plot_metric):
     paths["plot"] = os.path.join(out, "results.png")
   return paths
@@ -223,10 +230,13 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--ascending", action="store_true", help="lowest first (losses)")
   parser.add_argument("--metric", default="",
                       help="metric to plot (default: --sort, else the probe's/the run's top-1)")
+  parser.add_argument("--columns", default="",
+                      help="comma-separated metrics for the markdown table (default: all)")
   parser.add_argument("--out", default="", help="output directory (default: the sweep directory)")
   args = parser.parse_args(argv)
   paths = aggregate(args.root, out=args.out or None, sort=args.sort or None,
-                    ascending=args.ascending, metric=args.metric or None)
+                    ascending=args.ascending, metric=args.metric or None,
+                    columns=[c for c in args.columns.split(",") if c])
   with open(paths["markdown"]) as f:
     print(f.read())
   print("wrote " + ", ".join(paths.values()))

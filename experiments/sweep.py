@@ -264,13 +264,15 @@ def _manifest(config_arg, grid, fixed, probe_config_arg, probe_fixed, runs) -> d
 
 
 def merge_with_existing(root: str, manifest: dict) -> dict:
-  """Extends the manifest already in ROOT (more values of the same keys); refuses another sweep."""
+  """Extends the manifest already in ROOT (more values of the same keys, or a probe stage added to
+  a sweep that had none); refuses a different recipe, fixed overrides or probe."""
   path = os.path.join(root, MANIFEST_FILE)
   if not os.path.exists(path):
     return manifest
   with open(path) as f:
     existing = json.load(f)
-  for field in ("config", "fixed", "probe_config", "probe_fixed"):
+  adds_probe = not existing.get("probe_config")  # a probe stage may be added to a sweep later
+  for field in ("config", "fixed") + (() if adds_probe else ("probe_config", "probe_fixed")):
     if existing.get(field) != manifest[field]:
       raise ValueError(f"{root} already holds a sweep with {field}={existing.get(field)!r}, not "
                        f"{manifest[field]!r}; use another --root")

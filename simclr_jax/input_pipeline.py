@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from simclr_jax.data import synthetic_shapes
 
 FOLDER_PREFIX = "folder:"
-SYNTHETIC_DATASET = "synthetic_shapes"
+SYNTHETIC_DATASET = synthetic_shapes.SyntheticShapes.name  # importing the module registers it
 SHUFFLE_BUFFER_SIZE = 50_000  # whole shards of CIFAR/STL/flowers/imagenette: perfect shuffles
 PREFETCH_BATCHES = 2
 CENTRE_CROP_FRACTION = 0.875

@@ -238,6 +238,11 @@ def test_rerunning_with_more_values_extends_the_manifest(recipes, tmp_path):
     sweep.main(common + ["--grid=optimizer.name=sgd"])
   with pytest.raises(ValueError, match="another --root"):
     sweep.main(common + ["--grid=temperature=0.1", "--set=num_train_steps=5"])
+  _, probe = recipes
+  sweep.main(common + ["--grid=temperature=0.1", f"--probe_config={probe}"])
+  with pytest.raises(ValueError, match="another --root"):
+    sweep.main(common + ["--grid=temperature=0.1", f"--probe_config={probe}",
+                         "--probe_set=num_epochs=4"])
 
 
 def _finished_sweep(recipes, tmp_path, with_probe=True):
@@ -293,6 +298,13 @@ def test_aggregate_sorts_ascending_and_reports_missing_probes(recipes, tmp_path)
     aggregate.aggregate(root, sort="top5")
   with pytest.raises(ValueError, match="cannot plot"):
     aggregate.aggregate(root, metric="top5")
+  paths = aggregate.aggregate(root, columns=["probe/top1"])
+  with open(paths["markdown"]) as f:
+    assert "| run | temperature | optimizer.base_learning_rate | probe/top1 | status |" in f.read()
+  with open(paths["csv"]) as f:
+    assert "knn_top1" in f.readline()
+  with pytest.raises(ValueError, match="unknown --columns"):
+    aggregate.aggregate(root, columns=["top5"])
 
 
 def test_aggregate_without_manifest_takes_every_run_directory(tmp_path):

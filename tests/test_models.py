@@ -157,7 +157,8 @@ def test_official_initialisation_of_the_model():
 
 
 def test_official_initialisation_of_a_selective_kernel_bottleneck():
-  conv = functools.partial(flax.linen.Conv, use_bias=False, kernel_init=models.resnet.conv_kernel_init)
+  conv = functools.partial(flax.linen.Conv, use_bias=False,
+                           kernel_init=models.resnet.conv_kernel_init)
   norm = functools.partial(flax.linen.BatchNorm, use_running_average=True)
   block = models.BottleneckBlock(32, 2, conv, norm, sk_ratio=0.0625)
   variables = jax.jit(block.init)(INIT_KEY, jnp.zeros((1, 8, 8, 64)))
@@ -186,8 +187,8 @@ def test_train_mode_uses_batch_statistics_and_updates_running_ones():
   # In training an example's output depends on the rest of the batch; in eval it does not.
   other_rest = x.at[3:].set(images(3, 8, seed=2))
   assert not np.allclose(out["h"][:3], train(variables, other_rest)[0]["h"][:3], atol=1e-3)
-  np.testing.assert_allclose(evaluate(variables, x)["h"][:3], evaluate(variables, other_rest)["h"][:3],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(evaluate(variables, x)["h"][:3],
+                             evaluate(variables, other_rest)["h"][:3], rtol=1e-5, atol=1e-6)
 
 
 def test_global_batch_norm_on_8_devices_equals_one_device():
@@ -287,7 +288,7 @@ def test_simclr_model_outputs_and_variable_groups():
   config = ml_collections.ConfigDict(dict(depth=18, head_layers=3, head_hidden_dim=12,
                                           projection_dim=8, **SMALL))
   model = models.create_model(config, num_classes=7)
-  (out, variables) = jax.eval_shape(lambda: model.init_with_output(
+  out, variables = jax.eval_shape(lambda: model.init_with_output(
       jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False))
   assert set(variables["params"]) == {"encoder", "projection_head", "linear_head"}
   assert set(variables["batch_stats"]) == {"encoder", "projection_head"}
@@ -427,7 +428,7 @@ def test_bfloat16_compute_with_float32_parameters():
     (lambda: models.ResNet(18, float("nan")), r"width_multiplier .* got nan"),
     (lambda: models.ResNet(18, sk_ratio=-1), r"sk_ratio must be .*>= 0.*got -1"),
     (lambda: models.ResNet(18, bn_momentum=1.0), r"bn_momentum must be in \[0, 1\), got 1\.0"),
-    (lambda: models.ProjectionHead(0), r"num_layers \(head_layers\) must be an integer >= 1.*got 0"),
+    (lambda: models.ProjectionHead(0), r"\(head_layers\) must be an integer >= 1.*got 0"),
     (lambda: models.ProjectionHead(2.5), r"head_layers.*got 2\.5"),
     (lambda: models.ProjectionHead(2, hidden_dim=-1), r"head_hidden_dim.*>= 0.*got -1"),
     (lambda: models.ProjectionHead(2, out_dim=0), r"projection_dim.*>= 1, got 0"),

@@ -8,8 +8,8 @@ trainer's update step (simclr_jax.train.make_train_step, built as in train_step.
 CIFAR augmentation on device, as pretraining runs it) is traced and lowered (`jit(...).lower`), then compiled by XLA cold, then
 compiled again after `jax.clear_caches()` with JAX's persistent compilation cache on (a fresh
 temporary directory), which is what a resumed run or a repeated identical run gets when
-`jax_compilation_cache_dir` is set. Ratios are against the first model's cold compile, measured
-in the same run.
+`jax_compilation_cache_dir` is set. Times are wall and (in brackets) this process's CPU seconds;
+ratios are of CPU time against the first model's cold compile, measured in the same run.
 """
 import argparse
 import datetime
@@ -38,34 +38,37 @@ def parse_models(spec: str) -> list[tuple[int, float]]:
   return models
 
 
+def _timed(thunk):
+  """(result, wall seconds, process CPU seconds) of thunk()."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  result = thunk()
+  return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
 def measure(depth: int, width: float, *, batch_size: int, image_size: int) -> dict:
-  """Seconds to trace+lower, to compile cold, and to compile from the persistent cache."""
+  """Wall and CPU seconds to trace+lower, to compile cold, and to do both from the cache."""
   config = train_step.model_config(depth, width, cifar_stem=True)
   step, example_args = train_step.build_pretrain_step(config, batch_size=batch_size,
                                                       image_size=image_size,
                                                       augment_preset="simclr_cifar")
-  start = time.perf_counter()
-  lowered = step.lower(*example_args)
-  lower_seconds = time.perf_counter() - start
-  start = time.perf_counter()
-  lowered.compile()
-  compile_seconds = time.perf_counter() - start
+  lowered, lower_wall, lower_cpu = _timed(lambda: step.lower(*example_args))
+  _, compile_wall, compile_cpu = _timed(lowered.compile)
   jax.clear_caches()
-  start = time.perf_counter()
-  step.lower(*example_args).compile()
-  cached_seconds = time.perf_counter() - start
-  return {"name": f"ResNet-{depth} w={width:g}", "lower": lower_seconds,
-          "compile": compile_seconds, "cached": cached_seconds}
+  _, cached_wall, cached_cpu = _timed(lambda: step.lower(*example_args).compile())
+  return {"name": f"ResNet-{depth} w={width:g}", "lower": (lower_wall, lower_cpu),
+          "compile": (compile_wall, compile_cpu), "cached": (cached_wall, cached_cpu)}
 
 
 def table(rows: list[dict]) -> str:
-  base = rows[0]["compile"]
-  lines = ["| model | trace+lower s | XLA compile s | compile vs first | "
-           "lower+compile from persistent cache s |",
+  """Markdown of wall (CPU) seconds; the ratio uses CPU time, steadier on a shared machine."""
+  base_cpu = rows[0]["compile"][1]
+  lines = ["| model | trace+lower s wall (CPU) | XLA compile s wall (CPU) | "
+           "compile CPU vs first | lower+compile from persistent cache s wall (CPU) |",
            "|---|---:|---:|---:|---:|"]
   for r in rows:
-    lines.append(f"| {r['name']} | {r['lower']:.1f} | {r['compile']:.1f} | "
-                 f"{r['compile'] / base:.2f}x | {r['cached']:.1f} |")
+    cells = [f"{r[k][0]:.1f} ({r[k][1]:.1f})" for k in ("lower", "compile", "cached")]
+    lines.append(f"| {r['name']} | {cells[0]} | {cells[1]} | {r['compile'][1] / base_cpu:.2f}x "
+                 f"| {cells[2]} |")
   return "\n".join(lines)
 
 

@@ -70,17 +70,21 @@ def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int
 
 
 def best_seconds_per_call(run: Callable[[], Any], *, calls: int, repeats: int,
-                          warmup: int = 1) -> float:
-  """Best (min) over `repeats` windows of the mean time per call; run() must block."""
+                          warmup: int = 1) -> tuple[float, float]:
+  """(wall, CPU) seconds per call, each the best (min) over `repeats` windows; run() must block.
+
+  CPU time is this process's, all threads: on a shared machine it moves far less than wall time.
+  """
   for _ in range(warmup):
     run()
-  windows = []
+  walls, cpus = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
       run()
-    windows.append((time.perf_counter() - start) / calls)
-  return min(windows)
+    walls.append((time.perf_counter() - wall) / calls)
+    cpus.append((time.process_time() - cpu) / calls)
+  return min(walls), min(cpus)
 
 
 def flops_of(compiled) -> float:
@@ -95,8 +99,8 @@ def measure_matmul(size: int, repeats: int) -> float:
   rng = np.random.default_rng(0)
   a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
   matmul = jax.jit(jnp.matmul)
-  seconds = best_seconds_per_call(lambda: matmul(a, b).block_until_ready(), calls=3,
-                                  repeats=repeats)
+  seconds, _ = best_seconds_per_call(lambda: matmul(a, b).block_until_ready(), calls=3,
+                                     repeats=repeats)
   return 2 * size**3 / seconds / 1e9
 
 
@@ -111,8 +115,8 @@ def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, r
     holder[0], metrics = compiled(holder[0], batch)
     metrics["loss"].block_until_ready()
 
-  seconds = best_seconds_per_call(run, calls=steps, repeats=repeats)
-  return {"seconds": seconds, "flops": flops_of(compiled)}
+  seconds, cpu_seconds = best_seconds_per_call(run, calls=steps, repeats=repeats)
+  return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops": flops_of(compiled)}
 
 
 def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_size: int,
@@ -125,8 +129,8 @@ def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_siz
   if completed.returncode != 0:
     raise RuntimeError(f"the PyTorch peer failed ({' '.join(command)}):\n{completed.stderr}")
   result = json.loads(completed.stdout.strip().splitlines()[-1])
-  return {"seconds": result["seconds_per_step"], "torch": result["torch"],
-          "threads": result["threads"]}
+  return {"seconds": result["seconds_per_step"], "cpu_seconds": result["cpu_seconds_per_step"],
+          "torch": result["torch"], "threads": result["threads"]}
 
 
 def check_torch_python(torch_python: str) -> None:
@@ -143,19 +147,25 @@ def check_torch_python(torch_python: str) -> None:
 
 
 def table(rows: list[dict], ceiling_gflops: float, has_peer: bool) -> str:
-  header = ["model", "pairs/step", "JAX pairs/s", "JAX GFLOP/s", "JAX % of matmul"]
+  """Markdown; 'per CPU-s' columns divide by process CPU time (steadier on a shared machine)."""
+  header = ["model", "pairs/step", "JAX pairs/s", "JAX pairs/CPU-s", "JAX GFLOP/s",
+            "JAX % of matmul"]
   if has_peer:
-    header += ["PyTorch pairs/s", "PyTorch % of matmul", "JAX / PyTorch"]
+    header += ["PyTorch pairs/s", "PyTorch pairs/CPU-s", "PyTorch % of matmul",
+               "JAX / PyTorch (wall)", "JAX / PyTorch (CPU)"]
   lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
   for r in rows:
+    batch = r["batch_size"]
     jax_gflops = r["flops"] / r["jax_seconds"] / 1e9
-    cells = [r["name"], f"{r['batch_size']}", f"{r['batch_size'] / r['jax_seconds']:.1f}",
-             f"{jax_gflops:.1f}", f"{100 * jax_gflops / ceiling_gflops:.0f}%"]
+    cells = [r["name"], f"{batch}", f"{batch / r['jax_seconds']:.1f}",
+             f"{batch / r['jax_cpu_seconds']:.1f}", f"{jax_gflops:.1f}",
+             f"{100 * jax_gflops / ceiling_gflops:.0f}%"]
     if has_peer:
       torch_gflops = r["flops"] / r["torch_seconds"] / 1e9
-      cells += [f"{r['batch_size'] / r['torch_seconds']:.1f}",
+      cells += [f"{batch / r['torch_seconds']:.1f}", f"{batch / r['torch_cpu_seconds']:.1f}",
                 f"{100 * torch_gflops / ceiling_gflops:.0f}%",
-                f"{r['torch_seconds'] / r['jax_seconds']:.2f}x"]
+                f"{r['torch_seconds'] / r['jax_seconds']:.2f}x",
+                f"{r['torch_cpu_seconds'] / r['jax_cpu_seconds']:.2f}x"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -191,10 +201,11 @@ def main(argv) -> None:
                   image_size=image_size)
     jax_result = measure_jax(config, augment_preset=args.augment, **timing)
     row = {"name": name, "batch_size": batch_size, "flops": jax_result["flops"],
-           "jax_seconds": jax_result["seconds"]}
+           "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
     if args.torch_python:
       torch_result = measure_torch(args.torch_python, config, **timing)
       row["torch_seconds"] = torch_result["seconds"]
+      row["torch_cpu_seconds"] = torch_result["cpu_seconds"]
       peer = f"PyTorch {torch_result['torch']} with {torch_result['threads']} threads"
     rows.append(row)
     print(f"measured {name}", file=sys.stderr, flush=True)

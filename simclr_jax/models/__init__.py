@@ -50,7 +50,7 @@ class SimCLRModel(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool, stop_gradient_after_block: int = -1):
+  def __call__(self, x, *, train: bool):
     """Returns dict(h=, z=, probe_logits=, hiddens=, stem=, block1=, ..., block4=).
 
     The probe sees stop_gradient(h), so its loss never shapes the encoder.
@@ -60,7 +60,7 @@ class SimCLRModel(nn.Module):
     encoder = ResNet(self.depth, width_multiplier=self.width_multiplier, cifar_stem=self.cifar_stem,
                      sk_ratio=self.sk_ratio, tf_same_padding=self.tf_same_padding, **bn,
                      name="encoder")
-    features = encoder(x, train=train, stop_gradient_after_block=stop_gradient_after_block)
+    features = encoder(x, train=train)
     projection_head = ProjectionHead(self.head_layers, self.head_hidden_dim, self.projection_dim,
                                      **bn, name="projection_head")
     z, hiddens = projection_head(features["h"], train=train)

@@ -4,14 +4,14 @@ The official TF graph is matched layer for layer (initialisers, BN settings, zer
 gamma, SimCLRv2 selective kernels with the ResNet-D stem and shortcuts) so that published TF
 checkpoints can be imported and reproduce their accuracy. Two deliberate, documented choices:
 
-- Padding. Official strided convs pad (k-1)//2 on each side (`fixed_padding`), which for the odd
-  kernels used here is the same symmetric padding we use in both modes. The official max-pool uses TF
-  'SAME' (extra row/column at the bottom/right); `tf_same_padding=True` reproduces that, the default
-  pads the max-pool symmetrically. The ResNet-D shortcut average-pool (SK models only) always pads
-  as the official code does, since a 2x2 window has no symmetric padding.
+- Padding. Official strided convs pad (k-1)//2 on each side (`fixed_padding`), which for the
+  odd kernels used here is the symmetric padding we use in both modes. The official max-pool
+  uses TF 'SAME' (extra row/column at the bottom/right): `tf_same_padding=True` reproduces it,
+  the default pads the max-pool symmetrically. The ResNet-D shortcut average-pool (SK models)
+  always pads as the official code does: a 2x2 window has no symmetric padding.
 - Basic blocks (ResNet-18/34) use a projection shortcut only where the shape changes (standard
-  ResNet, 11,176,512 parameters for ResNet-18); the official TF code also adds one to the first block
-  of group 1. No official ResNet-18/34 checkpoint was published, so no import depends on it.
+  ResNet: 11,176,512 parameters for ResNet-18); the official TF code also adds one to the first
+  block of group 1. No official ResNet-18/34 checkpoint was published, so no import needs it.
 """
 import functools
 import math
@@ -202,9 +202,9 @@ class ResNet(nn.Module):
     reaches them and their BN uses the running statistics even when `train` is True (the official
     `fine_tune_after_block`).
     """
-    if isinstance(stop_gradient_after_block, bool) or stop_gradient_after_block not in range(-1, 5):
-      raise ValueError("stop_gradient_after_block must be -1 (train everything) or 0..4 (freeze the "
-                       f"stem and block groups up to it), got {stop_gradient_after_block!r}")
+    if not is_integer(stop_gradient_after_block) or stop_gradient_after_block not in range(-1, 5):
+      raise ValueError("stop_gradient_after_block must be -1 (train everything) or 0..4 (freeze "
+                       f"the stem and block groups up to it), got {stop_gradient_after_block!r}")
     if x.ndim != 4:
       raise ValueError(f"ResNet expects NHWC images of rank 4, got shape {x.shape}")
     block_kind, group_sizes = BLOCK_GROUPS[self.depth]
@@ -241,6 +241,7 @@ class ResNet(nn.Module):
     return features
 
   def _stem(self, x, conv, norm):
+    """CIFAR: 3x3/1 conv. ImageNet: 7x7/2 conv (ResNet-D: three 3x3 convs) + 3x3/2 max-pool."""
     width = scaled_channels(64, self.width_multiplier)
     if self.cifar_stem:
       x = _conv(conv, width, 3, 1, "stem_conv")(x)
