@@ -49,6 +49,23 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def latest_record(self) -> dict | None:
+    """The JSON record of the newest checkpoint (cheap: no arrays), or None if there is none.
+
+    Lets a trainer refuse an incompatible workdir before it builds and compiles anything.
+    """
+    step = self.latest_step()
+    if step is None:
+      return None
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          RECORD: ocp.args.JsonRestore()}))
+    except Exception as e:  # The full restore decides what to do with a broken checkpoint.
+      logging.warning("cannot read the record of checkpoint %s/%d (%s: %s)", self.directory,
+                      step, type(e).__name__, e)
+      return None
+    return dict(restored[RECORD])
+
   def save(self, step: int, state: Any, record: Mapping[str, Any]) -> None:
     """Starts writing `state` at `step` (returns once the arrays are copied off the devices)."""
     self._manager.save(step, args=ocp.args.Composite(**{

@@ -149,6 +149,35 @@ def load_encoder_variables(init_from: str, model_config: Mapping[str, Any], *,
   return encoder_export, variables
 
 
+def load_classifier_export(path: str, *, projection_layer: int | None = None
+                           ) -> tuple[Classifier, dict, export.EncoderExport]:
+  """(classifier, its variables, the export) from an export holding a `supervised_head`.
+
+  `path` is the export or the workdir of a probe / fine-tune (their export/ holds the encoder
+  with the trained head). `projection_layer` defaults to the one recorded in the export's
+  metadata (0 when absent, e.g. a converted supervised TF1 checkpoint).
+  """
+  export_dir = resolve_export_dir(path)
+  encoder_export = export.load_encoder(export_dir)
+  if SUPERVISED_HEAD not in encoder_export.params:
+    raise ValueError(
+        f"the export {export_dir} has no classifier head ('{SUPERVISED_HEAD}'): give the workdir "
+        "of a linear probe or fine-tune (or its export/), or a converted checkpoint with its "
+        "supervised head")
+  if projection_layer is None:
+    projection_layer = int(encoder_export.metadata.get("projection_layer", 0))
+  num_classes = int(np.shape(encoder_export.params[SUPERVISED_HEAD]["dense"]["bias"])[0])
+  classifier = create_classifier(encoder_export.model_config, num_classes=num_classes,
+                                 projection_layer=projection_layer)
+  modules = ["encoder"] + (["projection_head"] if projection_layer > 0 else [])
+  variables = {
+      "params": {module: encoder_export.params[module]
+                 for module in modules + [SUPERVISED_HEAD]},
+      "batch_stats": {module: encoder_export.batch_stats[module] for module in modules},
+  }
+  return classifier, variables, encoder_export
+
+
 def images_to_float(images: jax.Array) -> jax.Array:
   """uint8 pipeline images to the model's float [0, 1]."""
   if images.dtype == jnp.uint8:
@@ -177,14 +206,16 @@ def make_logits_fn(classifier: Classifier, mesh: jax.sharding.Mesh
 
 def run_over_dataset(function: Callable[[Mapping[str, Any], jax.Array], jax.Array],
                      variables: Mapping[str, Any], batches: Iterable[Mapping[str, Any]], *,
-                     keep_images: int = 0) -> dict[str, np.ndarray]:
-  """Applies `function` to every batch of an eval iterator; unpadded host results in order.
+                     keep_images: int = 0, max_examples: int = 0) -> dict[str, np.ndarray]:
+  """Applies `function` to the batches of an eval iterator; unpadded host results in order.
 
   Returns {'outputs': [N, ...], 'labels': [N]} and, with `keep_images > 0`, the first
-  `keep_images` images as 'images' (for prediction grids).
+  `keep_images` images as 'images' (for prediction grids). `max_examples > 0` stops after the
+  batch that reaches that many examples (all processes see the same batches, so they stop
+  together).
   """
   outputs, labels, images = [], [], []
-  num_images = 0
+  num_images = num_examples = 0
   for batch in batches:
     result = function(variables, batch["image"])
     mask = sharding.to_host(batch["mask"]).astype(bool)
@@ -194,6 +225,9 @@ def run_over_dataset(function: Callable[[Mapping[str, Any], jax.Array], jax.Arra
       kept = sharding.to_host(batch["image"])[mask][:keep_images - num_images]
       images.append(kept)
       num_images += len(kept)
+    num_examples += int(mask.sum())
+    if max_examples and num_examples >= max_examples:
+      break
   if not outputs:
     raise ValueError("the eval iterator yielded no batches (an empty split?)")
   result = {"outputs": np.concatenate(outputs), "labels": np.concatenate(labels).astype(np.int32)}

@@ -1,6 +1,6 @@
 r"""Compile time of the pretraining step per model size, cold and from the persistent cache.
 
-  python experiments/benchmarks/compile_time.py [--models=18:0.25,18:0.5,18:1,50:0.25]
+  python experiments/benchmarks/compile_time.py [--models=18:0.25,18:1,50:0.25]
       [--batch_size=64] [--image_size=32]
 
 Every sweep run pays this before its first step. For each model (depth:width, CIFAR stem) the
@@ -74,7 +74,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", default="18:0.25,18:0.5,18:1,50:0.25",
+  parser.add_argument("--models", default="18:0.25,18:1,50:0.25",
                       help="depth:width_multiplier items, CIFAR stem")
   parser.add_argument("--batch_size", type=int, default=64, help="image pairs per step")
   parser.add_argument("--image_size", type=int, default=32)

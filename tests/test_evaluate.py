@@ -1,0 +1,309 @@
+"""Linear probe, fine-tuning and prediction pictures, end to end on the generated synthetic_shapes.
+
+A tiny ResNet-18 (width 1/8, 32 px) is pretrained once per module with the real trainer; the
+tests then probe it, fine-tune it and compare with a randomly initialised encoder. Data: the
+first 1000 train / 500 test images (TFDS split slices), so every pass is a few seconds.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar10_finetune
+from configs import cifar10_linear_probe
+from configs import smoke_pretrain
+from configs import transfer_linear_probe
+from simclr_jax import evaluate
+from simclr_jax import export
+from simclr_jax import input_pipeline
+from simclr_jax import models
+from simclr_jax import train
+from simclr_jax.evaluators import common
+from simclr_jax.evaluators import finetune as finetune_lib
+from simclr_jax.tools import predict
+
+DATASET = "synthetic_shapes"
+TRAIN_SPLIT = "train[:1000]"
+EVAL_SPLIT = "test[:500]"
+PRETRAIN_STEPS = 150
+# The L-BFGS probe of the pretrained encoder must beat the same probe of a random one by this
+# much top-1 (measured at PRETRAIN_STEPS: see the assertion message for the numbers of a run).
+PROBE_MARGIN = 0.10
+
+
+def one_device_mesh():
+  return jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+
+
+def set_fields(config, **overrides):
+  """config with `a__b=value` meaning config.a.b = value."""
+  for dotted, value in overrides.items():
+    *parents, name = dotted.split("__")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  directory = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.get_dataset_info(DATASET, data_dir=directory)  # generates it once
+  return directory
+
+
+@pytest.fixture(scope="module")
+def pretrained_export(data_dir, tmp_path_factory) -> str:
+  """The trainer's smoke recipe for PRETRAIN_STEPS steps on one device; its encoder export."""
+  config = set_fields(smoke_pretrain.get_config(), data_dir=data_dir, knn_every_steps=0,
+                      num_train_steps=PRETRAIN_STEPS, global_batch_size=64,
+                      checkpoint_every_steps=PRETRAIN_STEPS, log_every_steps=50,
+                      optimizer__base_learning_rate=4.0, temperature=0.2)
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  train.pretrain(config, workdir, mesh=one_device_mesh())
+  return os.path.join(workdir, train.EXPORT_DIR)
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory) -> str:
+  """An encoder export of the same architecture at its random initialisation."""
+  model_config = smoke_pretrain.get_config().model
+  model = models.create_model(model_config, num_classes=10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  parts = ("encoder", "projection_head")
+  return export.save_encoder(
+      str(tmp_path_factory.mktemp("random") / "export"), model_config=model_config.to_dict(),
+      params={part: variables["params"][part] for part in parts},
+      batch_stats={part: variables["batch_stats"][part] for part in parts})
+
+
+def probe_config(data_dir, init_from, **overrides):
+  fields = dict(data_dir=data_dir, init_from=init_from, train_split=TRAIN_SPLIT,
+                eval_split=EVAL_SPLIT) | overrides
+  return set_fields(cifar10_linear_probe.get_config("smoke"), **fields)
+
+
+def finetune_config(data_dir, init_from, **overrides):
+  fields = dict(data_dir=data_dir, init_from=init_from, train_split=TRAIN_SPLIT,
+                eval_split=EVAL_SPLIT) | overrides
+  return set_fields(cifar10_finetune.get_config("smoke"), **fields)
+
+
+@pytest.fixture(scope="module")
+def probe_results(data_dir, pretrained_export, random_export, tmp_path_factory):
+  """L-BFGS probes of the pretrained and the random encoder: (pretrained, random, workdir)."""
+  results = {}
+  for name, init_from in (("pretrained", pretrained_export), ("random", random_export)):
+    workdir = str(tmp_path_factory.mktemp(f"probe_{name}"))
+    results[name] = evaluate.linear_probe(
+        probe_config(data_dir, init_from, probe_protocol="lbfgs"), workdir,
+        mesh=one_device_mesh())
+    results[f"{name}_workdir"] = workdir
+  return results
+
+
+def test_probe_of_the_pretrained_encoder_beats_a_random_encoder(probe_results):
+  pretrained, random = probe_results["pretrained"], probe_results["random"]
+  numbers = (f"pretrained top-1 {pretrained['top1']:.3f} (k-NN {pretrained['knn_top1']:.3f}), "
+             f"random {random['top1']:.3f} (k-NN {random['knn_top1']:.3f})")
+  assert pretrained["top1"] >= random["top1"] + PROBE_MARGIN, numbers
+  assert pretrained["knn_top1"] > random["knn_top1"], numbers
+
+
+def test_probe_writes_results_pictures_and_a_classifier_export(probe_results, pretrained_export):
+  workdir, results = probe_results["pretrained_workdir"], probe_results["pretrained"]
+  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    assert json.load(f) == results
+  assert results["mode"] == "linear_probe" and results["dataset"] == DATASET
+  assert results["num_eval_examples"] == 500 and results["num_train_examples"] == 1000
+  assert results["top1"] <= results["top5"] <= 1.0
+  assert 0.0 < results["mean_per_class_accuracy"] <= 1.0
+  assert results["l2_regularization"] > 0
+  for picture in (common.PREDICTIONS_FILE, common.CONFUSION_MATRIX_FILE):
+    assert os.path.getsize(os.path.join(workdir, picture)) > 10_000
+  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+    assert any("final_top1" in json.loads(line) for line in f)
+  # The export holds the pretrained encoder, bit for bit, and the fitted head.
+  probed = export.load_encoder(os.path.join(workdir, train.EXPORT_DIR))
+  original = export.load_encoder(pretrained_export)
+  jax.tree.map(np.testing.assert_array_equal, probed.params["encoder"], original.params["encoder"])
+  jax.tree.map(np.testing.assert_array_equal, probed.batch_stats["encoder"],
+               original.batch_stats["encoder"])
+  assert probed.params["supervised_head"]["dense"]["kernel"].shape == (64, 10)
+  assert probed.metadata["class_names"][0] == "circle"
+
+
+def test_prediction_tool_reproduces_the_probe_accuracy(probe_results, data_dir, tmp_path):
+  out = str(tmp_path / "grid.png")
+  result = predict.predict(probe_results["pretrained_workdir"], DATASET, data_dir=data_dir,
+                           split=EVAL_SPLIT, out=out, num_images=16,
+                           confusion_matrix=str(tmp_path / "matrix.png"))
+  assert result["num_examples"] == 500
+  # The folded standardisation gives the same logits up to float rounding.
+  assert result["top1"] == pytest.approx(probe_results["pretrained"]["top1"], abs=0.005)
+  assert os.path.getsize(out) > 10_000
+
+
+def test_finetuning_beats_the_probe(data_dir, pretrained_export, probe_results, tmp_path):
+  config = finetune_config(data_dir, pretrained_export, label_fraction=1.0, num_train_steps=80,
+                           eval_every_steps=0, optimizer__base_learning_rate=0.4)
+  results = evaluate.finetune(config, str(tmp_path), mesh=one_device_mesh())
+  probe_top1 = probe_results["pretrained"]["top1"]
+  assert results["top1"] > probe_top1 + 0.05, (results["top1"], probe_top1)
+  assert results["num_labeled_examples"] == 1000 and results["label_subset_hash"] == "all"
+  for picture in (common.PREDICTIONS_FILE, common.CONFUSION_MATRIX_FILE):
+    assert os.path.exists(os.path.join(str(tmp_path), picture))
+
+
+def test_sgd_probe_gives_the_same_accuracy_on_1_and_8_devices(data_dir, pretrained_export,
+                                                              tmp_path):
+  results, heads = [], []
+  for name, mesh in (("one", one_device_mesh()), ("eight", None)):
+    workdir = str(tmp_path / name)
+    config = probe_config(data_dir, pretrained_export, probe_protocol="sgd", num_train_steps=12,
+                          global_batch_size=64, knn_k=0, eval_every_steps=6,
+                          train_split="train[:512]", eval_split="test[:256]",
+                          optimizer__base_learning_rate=2.0)
+    results.append(evaluate.linear_probe(config, workdir, mesh=mesh))
+    heads.append(export.load_encoder(os.path.join(workdir, train.EXPORT_DIR))
+                 .params["supervised_head"]["dense"]["kernel"])
+  assert results[0]["num_devices"] == 1 and results[1]["num_devices"] == 8
+  for name in ("top1", "top5", "mean_per_class_accuracy"):
+    assert results[0][name] == results[1][name]
+  assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"], rel=1e-5)
+  np.testing.assert_allclose(heads[0], heads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_finetuning_above_a_block_moves_only_the_layers_above_it(data_dir, pretrained_export,
+                                                                 tmp_path):
+  config = finetune_config(data_dir, pretrained_export, fine_tune_after_block=2,
+                           label_fraction=1.0, labels_per_class=8, num_train_steps=6,
+                           eval_every_steps=0, global_batch_size=32)
+  results = evaluate.finetune(config, str(tmp_path), mesh=one_device_mesh())
+  assert results["num_labeled_examples"] == 80 and results["labels_per_class"] == 8
+  with open(tmp_path / finetune_lib.LABEL_SUBSET_FILE) as f:
+    recorded = json.load(f)
+  again = input_pipeline.label_subset(DATASET, data_dir=data_dir, split=TRAIN_SPLIT, per_class=8,
+                                      seed=config.seed)
+  assert recorded["indices"] == again.tolist()
+  assert recorded["label_subset_hash"] == results["label_subset_hash"]
+
+  tuned = export.load_encoder(str(tmp_path / train.EXPORT_DIR))
+  original = export.load_encoder(pretrained_export)
+  for collection in ("params", "batch_stats"):
+    tuned_encoder = getattr(tuned, collection)["encoder"]
+    original_encoder = getattr(original, collection)["encoder"]
+    for layer, value in tuned_encoder.items():
+      same = jax.tree.leaves(jax.tree.map(np.array_equal, value, original_encoder[layer]))
+      if finetune_lib.encoder_stage(layer) <= 2:
+        assert all(same), f"{collection}/{layer} moved although frozen"
+      elif layer == "block4_1":
+        assert not all(same), f"{collection}/{layer} did not train"
+
+
+def test_supervised_baseline_from_random_init(data_dir, tmp_path):
+  config = cifar10_finetune.get_config("smoke_scratch")
+  set_fields(config, data_dir=data_dir, train_split=TRAIN_SPLIT, eval_split=EVAL_SPLIT,
+             num_train_steps=4, eval_every_steps=0, labels_per_class=0, label_fraction=0.1)
+  results = evaluate.finetune(config, str(tmp_path), mesh=one_device_mesh())
+  assert results["from_scratch"] == 1 and results["num_labeled_examples"] == 100
+
+
+def test_frozen_check_catches_a_changed_encoder():
+  before = {"encoder": {"stem_conv": {"kernel": np.zeros((3, 3, 3, 4), np.float32)}}}
+  after = {"encoder": {"stem_conv": {"kernel": np.full((3, 3, 3, 4), 1e-7, np.float32)}}}
+  with pytest.raises(RuntimeError, match="stem_conv"):
+    common.assert_unchanged(before, after, "encoder variables")
+  common.assert_unchanged(before, jax.tree.map(np.copy, before), "encoder variables")
+
+
+# ------------------------------------------------------------------------------------------------
+# Clear errors.
+
+
+def test_missing_export_is_a_clear_error(data_dir, tmp_path):
+  config = probe_config(data_dir, str(tmp_path / "no_such_export"))
+  with pytest.raises(FileNotFoundError, match="not an encoder export"):
+    evaluate.linear_probe(config, str(tmp_path / "work"))
+
+
+def test_empty_init_from_is_a_clear_error(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="init_from is empty"):
+    evaluate.linear_probe(probe_config(data_dir, ""), str(tmp_path))
+  with pytest.raises(ValueError, match="from_scratch=True"):
+    evaluate.finetune(finetune_config(data_dir, ""), str(tmp_path))
+
+
+def test_corrupt_export_is_a_clear_error(data_dir, random_export, tmp_path):
+  corrupt = tmp_path / "corrupt"
+  corrupt.mkdir()
+  (corrupt / export.MODEL_CONFIG_FILE).write_text("{not json")
+  (corrupt / export.VARIABLES_DIR).mkdir()
+  with pytest.raises(ValueError, match="corrupt"):
+    evaluate.linear_probe(probe_config(data_dir, str(corrupt)), str(tmp_path / "work"))
+
+
+def test_architecture_mismatch_is_a_clear_error(data_dir, random_export, tmp_path):
+  config = probe_config(data_dir, random_export, model__width_multiplier=0.25,
+                        model__cifar_stem=False)
+  with pytest.raises(ValueError, match="width_multiplier: config.model has 0.25, the export has "
+                     "0.125; cifar_stem"):
+    evaluate.linear_probe(config, str(tmp_path))
+
+
+def test_missing_projection_head_layer_is_a_clear_error(data_dir, random_export, tmp_path):
+  config = probe_config(data_dir, random_export, projection_layer=3)
+  with pytest.raises(ValueError, match="projection_layer=3"):
+    evaluate.linear_probe(config, str(tmp_path))
+
+
+class UnlabelledImages(tfds.core.GeneratorBasedBuilder):
+  """A dataset of images without labels (like an unlabelled split or a generative benchmark)."""
+  VERSION = tfds.core.Version("1.0.0")
+  pkg_dir_path = epath.Path(__file__).parent  # TFDS cannot infer it for a test module
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 3))}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(), "test": self._generate_examples()}
+
+  def _generate_examples(self):
+    for index in range(4):
+      yield index, {"image": np.full((8, 8, 3), index, np.uint8)}
+
+
+def test_dataset_without_labels_is_a_clear_error(random_export, tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  UnlabelledImages(data_dir=data_dir).download_and_prepare()
+  config = probe_config(data_dir, random_export, dataset="unlabelled_images",
+                        train_split="train", eval_split="test")
+  with pytest.raises(ValueError, match="not an image-classification dataset"):
+    evaluate.linear_probe(config, str(tmp_path / "probe"))
+  config = finetune_config(data_dir, random_export, dataset="unlabelled_images",
+                           train_split="train", eval_split="test")
+  with pytest.raises(ValueError, match="not an image-classification dataset"):
+    evaluate.finetune(config, str(tmp_path / "finetune"))
+
+
+@pytest.mark.parametrize("module,variants", [
+    (cifar10_linear_probe, ["r18", "r18_lbfgs", "cpu", "smoke"]),
+    (cifar10_finetune, ["100pct", "10pct", "1pct", "100pct_scratch", "10pct_scratch",
+                        "1pct_scratch", "cpu", "smoke", "smoke_scratch"]),
+    (transfer_linear_probe, ["cifar100", "tf_flowers", "imagenette", "stl10", "smoke"]),
+])
+def test_recipes_build_and_name_their_variants(module, variants):
+  for variant in variants:
+    config = module.get_config(variant)
+    assert config.mode in ("linear_probe", "finetune")
+    models.model_kwargs(config.model)
+  with pytest.raises(ValueError, match="allowed"):
+    module.get_config("no_such_variant")
