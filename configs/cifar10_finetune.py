@@ -46,6 +46,7 @@ def finetune_config(label_fraction: float = 1.0, *, num_epochs: float = 30.0,
   config.projection_layer = 0        # 0: head on h; i > 0: on projection-head layer i (v2)
   config.label_fraction = label_fraction  # (0, 1]; class-balanced, deterministic for the seed
   config.labels_per_class = 0        # > 0: exactly this many labelled images per class instead
+  config.zero_init_head = True       # the official --zero_init_logits_layer
   config.augment = augment.get_preset("crop_flip")
   config.global_batch_size = global_batch_size
   config.num_epochs = num_epochs     # passes over the labelled examples

@@ -41,6 +41,7 @@ def probe_config(protocol: str = "sgd") -> ml_collections.ConfigDict:
   config.init_from = ""              # the encoder export to probe (a pretraining workdir's export/)
   config.projection_layer = 0        # 0: h; i > 0: output of projection-head layer i (v2 style)
   config.probe_protocol = protocol   # 'sgd': augmented SGD probe; 'lbfgs': transfer protocol
+  config.zero_init_head = True       # the official --zero_init_logits_layer
   # 'sgd' protocol.
   config.augment = augment.get_preset("crop_flip")
   config.global_batch_size = 512

@@ -69,7 +69,9 @@ def collect_rows(root: str, manifest: Mapping[str, Any]) -> list[dict[str, Any]]
   wants_probe = bool(manifest.get("probe_config"))
   for run in manifest["runs"]:
     run_dir = os.path.join(root, run["name"])
-    row = {"run": run["name"], **run["values"]}
+    # JSON turned tuple values (e.g. per-view probabilities) into lists; tuples stay hashable.
+    row = {"run": run["name"], **{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in run["values"].items()}}
     results = _read_results(os.path.join(run_dir, RESULTS_FILE))
     probe = _read_results(os.path.join(run_dir, PROBE_SUBDIR, RESULTS_FILE))
     if results is not None:
@@ -168,7 +170,7 @@ def write_plot(path: str, rows, swept: Sequence[str], metric: str) -> bool:
     for row in rows:
       label = ", ".join(f"{k}={_format(row.get(k))}" for k in others)
       series.setdefault(label, []).append((position(row[key]), row[metric]))
-    for label, points in series.items():
+    for label, points in sorted(series.items()):
       points.sort()
       axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                 label=label or None)

@@ -1,4 +1,4 @@
-r"""Config sweeps: a cartesian grid over a recipe, one workdir per run, run here or launched elsewhere.
+r"""Config sweeps: a grid over a recipe, one workdir per run, run here or launched elsewhere.
 
   python experiments/sweep.py --config=configs/cifar10_pretrain.py:cpu \
       --grid='temperature=0.1,0.2,0.5' --grid='optimizer.base_learning_rate=0.5,1.0' \
@@ -40,8 +40,6 @@ LOG_FILE = "sweep.log"
 ENTRY_MODULE = "simclr_jax.main"
 PORTABLE_PYTHON = "${PYTHON:-python}"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 # Pretraining fields a probe of the export must agree on: the probe recipe's config.model must
 # describe the exported network (the probe refuses a mismatch), and data_dir is where TFDS data is.
 FORWARDED_TO_PROBE = ("model", "data_dir")
@@ -138,9 +136,11 @@ def load_config(config_arg: str, overrides: Mapping[str, str]):
     message = e.args[0] if e.args else e
     if isinstance(message, KeyError):  # ConfigDict's "unknown field" error wraps a KeyError.
       message = message.args[0]
-    raise ValueError(f"{config_arg} does not accept the overrides {dict(overrides)}: "
-                     f"{str(message).replace(chr(10), ' ')}"
-                     ) from e
+    text = str(message).strip()
+    if "Traceback" in text:  # config_flags appends get_config's traceback: keep its last line.
+      text = text.splitlines()[-1]
+    raise ValueError(f"--config={config_arg} with overrides {dict(overrides)}: "
+                     f"{text.replace(chr(10), ' ')}") from e
 
 
 def run_names(grid: Mapping[str, Sequence[str]]) -> dict[str, str]:
@@ -336,7 +336,8 @@ def execute_sweep(stages: Sequence[Stage], runs: Sequence[Run],
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="recipe, e.g. configs/cifar10_pretrain.py:cpu")
+  parser.add_argument("--config", required=True,
+                      help="recipe, e.g. configs/cifar10_pretrain.py:cpu")
   parser.add_argument("--grid", action="append", default=[],
                       help="key=v1,v2,... (repeat for more keys: the cartesian product is run)")
   parser.add_argument("--set", action="append", default=[], dest="fixed",

@@ -329,6 +329,7 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     record = {"step": int(step)}
     record.update({name: float(value) for name, value in scalars.items()})
     self._file.write(json.dumps(record) + "\n")
+    self._file.flush()  # a line per log interval: cheap, and readable while the run goes on
 
   def write_summaries(self, step, values, metadata=None):
     self.write_scalars(step, {name: value for name, value in values.items()

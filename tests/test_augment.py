@@ -200,7 +200,8 @@ def test_crop_and_resize_equals_jax_scale_and_translate():
   for box in [(3, 5, 9, 12), (2, 1, 17, 18), (0, 0, 20, 20), (4, 4, 16, 16), (0, 7, 20, 11)]:
     ours, expected = both(jnp.array(box))
     np.testing.assert_allclose(ours, expected, atol=1e-5, err_msg=str(box))
-  identity = jax.jit(augment.crop_and_resize, static_argnums=2)(image, jnp.array([0, 0, 20, 20]), 20)
+  resize = jax.jit(augment.crop_and_resize, static_argnums=2)
+  identity = resize(image, jnp.array([0, 0, 20, 20]), 20)
   np.testing.assert_allclose(identity, image, atol=1e-6)
 
 
@@ -359,7 +360,8 @@ def with_change(path, value, preset="simclr_imagenet"):
 
 
 @pytest.mark.parametrize("config, message", [
-    (ml_collections.ConfigDict({"ops": ("random_resized_crop", "mixup")}), r"unknown augmentation ops \['mixup'\]"),
+    (ml_collections.ConfigDict({"ops": ("random_resized_crop", "mixup")}),
+     r"unknown augmentation ops \['mixup'\]"),
     (ml_collections.ConfigDict({"ops": ("flip", "flip")}), "more than once"),
     (ml_collections.ConfigDict({"flip": {"p": 0.5}}), "needs 'ops'"),
     (ml_collections.ConfigDict({"ops": "flip"}), "tuple of op names"),

@@ -60,11 +60,10 @@ def data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def pretrained_export(data_dir, tmp_path_factory) -> str:
-  """The trainer's smoke recipe for PRETRAIN_STEPS steps on one device; its encoder export."""
+  """The trainer's smoke recipe (batch 32) for PRETRAIN_STEPS steps on one device; its export."""
   config = set_fields(smoke_pretrain.get_config(), data_dir=data_dir, knn_every_steps=0,
-                      num_train_steps=PRETRAIN_STEPS, global_batch_size=64,
-                      checkpoint_every_steps=PRETRAIN_STEPS, log_every_steps=50,
-                      optimizer__base_learning_rate=4.0, temperature=0.2)
+                      num_train_steps=PRETRAIN_STEPS, checkpoint_every_steps=PRETRAIN_STEPS,
+                      log_every_steps=50)
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   train.pretrain(config, workdir, mesh=one_device_mesh())
   return os.path.join(workdir, train.EXPORT_DIR)

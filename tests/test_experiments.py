@@ -44,6 +44,7 @@ def get_config(arg=None):
   config.optimizer = ml_collections.ConfigDict({'name': 'lars', 'base_learning_rate': 1.0})
   config.model = ml_collections.ConfigDict({'depth': 18, 'width_multiplier': 1.0})
   config.data_dir = ''
+  config.blur_p = (0.5, 0.5)
   return config
 """
 PROBE_CONFIG = """
@@ -107,8 +108,9 @@ def test_run_names_use_the_shortest_unique_key_suffix():
   labels = sweep.run_names({"optimizer.base_learning_rate": [], "temperature": [],
                             "model.width_multiplier": [], "augment.width_multiplier": []})
   assert labels == {"optimizer.base_learning_rate": "base_learning_rate",
-                    "temperature": "temperature", "model.width_multiplier":
-                    "model.width_multiplier", "augment.width_multiplier": "augment.width_multiplier"}
+                    "temperature": "temperature",
+                    "model.width_multiplier": "model.width_multiplier",
+                    "augment.width_multiplier": "augment.width_multiplier"}
 
 
 def test_plan_sweep_is_the_typed_cartesian_product(recipes):
@@ -140,6 +142,14 @@ def test_plan_sweep_fails_fast_on_bad_keys_and_values(recipes, grid, fixed, mess
 def test_missing_config_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.py"):
     sweep.load_config(str(tmp_path / "nope.py") + ":cpu", {})
+
+
+def test_an_error_raised_by_get_config_is_reported_without_its_traceback(tmp_path):
+  recipe = tmp_path / "strict.py"
+  recipe.write_text("def get_config(arg=None):\n  raise ValueError('unknown variant ' + arg)\n")
+  with pytest.raises(ValueError, match=r"strict.py:big with overrides \{\}: ValueError: "
+                     r"unknown variant big$"):
+    sweep.load_config(f"{recipe}:big", {})
 
 
 def test_print_commands_writes_manifest_and_one_line_per_run(recipes, tmp_path, capsys):
@@ -319,6 +329,22 @@ def test_aggregate_without_manifest_takes_every_run_directory(tmp_path):
   assert "plot" in paths
   with pytest.raises(FileNotFoundError, match="no sweep.json"):
     aggregate.aggregate(str(tmp_path / "notes"))
+
+
+def test_tuple_valued_fields_sweep_and_aggregate(recipes, tmp_path):
+  config, _ = recipes
+  root = str(tmp_path / "sweep")
+  sweep.main([f"--config={config}", "--grid=blur_p=(0.8,0.8),(1.0,0.1)", f"--root={root}",
+              "--print_commands"])
+  runs = sweep.plan_sweep(config, {"blur_p": ["(0.8,0.8)", "(1.0,0.1)"]}, {})
+  assert [r.values["blur_p"] for r in runs] == [(0.8, 0.8), (1.0, 0.1)]
+  stages = sweep.build_stages(config, root)
+  sweep.execute_sweep(stages, runs, fake_launcher(
+      [], results=lambda workdir: {"top1": 0.5 if "1.0" in workdir else 0.3}))
+  paths = aggregate.aggregate(root, sort="top1")
+  with open(paths["markdown"]) as f:
+    assert "| blur_p=1.0-0.1 | (1.0, 0.1) | 0.5 | done |" in f.read()
+  assert "plot" in paths
 
 
 def test_aggregate_names_a_corrupt_results_file(recipes, tmp_path):

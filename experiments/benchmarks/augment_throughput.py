@@ -6,10 +6,11 @@ on the same CPU. The tf.data side is what the official SimCLR code does: a paral
 per-image `tf.image` calls (sample_distorted_bounding_box crop + bicubic resize, random flip,
 colour jitter in random order, grayscale, depthwise-conv blur). The JAX side jits one function
 that vmaps `build_augmentation(...)` over a batch, with per-image keys derived as the trainer does.
-Rounds alternate between the two so a busy machine slows both alike; medians are reported.
+Rounds alternate between the two; medians are reported, as images per wall-clock second and per
+CPU-second of this process (all its threads), which stays comparable when other jobs share the
+cores.
 
-Run from the repository root:
-  python -m experiments.benchmarks.augment_throughput --data_dir=DATA_DIR
+  PYTHONPATH=. python experiments/benchmarks/augment_throughput.py --data_dir=PATH/TO/TFDS
 """
 import argparse
 import datetime
@@ -108,8 +109,15 @@ def tf_view_function(config, size: int, view: int):
   return view_function
 
 
-def tf_pass(images: np.ndarray, config, size: int, batch_size: int) -> float:
-  """Images per second of one pass of the parallel tf.data map over `images`."""
+def timed(run_pass):
+  """(images per second, images per CPU-second) of `run_pass() -> number of images`."""
+  start, start_cpu = time.perf_counter(), time.process_time()
+  count = run_pass()
+  return count / (time.perf_counter() - start), count / (time.process_time() - start_cpu)
+
+
+def tf_pass(images: np.ndarray, config, size: int, batch_size: int) -> int:
+  """One pass of the parallel tf.data map over `images`; returns the number of images."""
   views = [tf_view_function(config, size, view) for view in (0, 1)]
 
   def two_views(image):
@@ -119,9 +127,7 @@ def tf_pass(images: np.ndarray, config, size: int, batch_size: int) -> float:
   dataset = (tf.data.Dataset.from_tensor_slices(images)
              .map(two_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
              .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-  start = time.perf_counter()
-  count = sum(int(first.shape[0]) for first, _ in dataset)
-  return count / (time.perf_counter() - start)
+  return sum(int(first.shape[0]) for first, _ in dataset)
 
 
 def jax_two_views(config, size: int):
@@ -139,24 +145,23 @@ def jax_two_views(config, size: int):
   return two_views
 
 
-def jax_pass(two_views, images: np.ndarray, batch_size: int) -> float:
-  """Images per second of one pass over `images`, host-to-device copy included.
+def jax_pass(two_views, images: np.ndarray, batch_size: int) -> int:
+  """One pass over `images` (host-to-device copies included); returns the number of images.
 
   Steps are dispatched asynchronously, as in a training loop; the pass waits for the last one.
   """
   base_key = jax.random.key(0)
-  start = time.perf_counter()
   views = None
   for step, first in enumerate(range(0, len(images) - batch_size + 1, batch_size)):
     batch = jax.device_put(images[first:first + batch_size])
     indices = np.arange(first, first + batch_size, dtype=np.int32)
     views = two_views(base_key, step, batch, indices)
   jax.block_until_ready(views)
-  return (len(images) // batch_size) * batch_size / (time.perf_counter() - start)
+  return (len(images) // batch_size) * batch_size
 
 
 def measure(data_dir: str, preset: str, size: int, count: int, batch_size: int, rounds: int):
-  """Median images/s of (tf.data, JAX) over `rounds` alternating passes."""
+  """Medians over `rounds` alternating passes: ((tf images/s, per CPU-s), (JAX ditto))."""
   config = augment.get_preset(preset)
   images = load_images(data_dir, count, size)
   two_views = jax_two_views(config, size)
@@ -164,9 +169,10 @@ def measure(data_dir: str, preset: str, size: int, count: int, batch_size: int, 
   tf_pass(images[:batch_size], config, size, batch_size)  # trace
   tf_rates, jax_rates = [], []
   for _ in range(rounds):
-    tf_rates.append(tf_pass(images, config, size, batch_size))
-    jax_rates.append(jax_pass(two_views, images, batch_size))
-  return statistics.median(tf_rates), statistics.median(jax_rates)
+    tf_rates.append(timed(lambda: tf_pass(images, config, size, batch_size)))
+    jax_rates.append(timed(lambda: jax_pass(two_views, images, batch_size)))
+  median = lambda rates: tuple(statistics.median(column) for column in zip(*rates))
+  return median(tf_rates), median(jax_rates)
 
 
 def main():
@@ -186,14 +192,17 @@ def main():
   if args.num_images_224:
     runs.append(("simclr_imagenet", 224, args.num_images_224, args.batch_size_224))
   print(f"{datetime.date.today()}  jax {jax.__version__} ({jax.devices()[0].platform}), "
-        f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, median of {args.rounds} rounds")
-  print("\n| preset | image size | batch | tf.data + tf.image (images/s) "
-        "| JAX jit+vmap (images/s) | JAX / TF |\n|---|---|---|---|---|---|")
+        f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}, median of {args.rounds} rounds; two views per image\n")
+  print("| preset | size | batch | tf.data + tf.image: images/s | per CPU-s "
+        "| JAX jit+vmap: images/s | per CPU-s | JAX / TF: wall | per CPU-s |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for preset, size, count, batch_size in runs:
-    tf_rate, jax_rate = measure(args.data_dir, preset, size, count, batch_size, args.rounds)
-    print(f"| {preset} | {size} | {batch_size} | {tf_rate:,.0f} | {jax_rate:,.0f} "
-          f"| {jax_rate / tf_rate:.1f}x |", flush=True)
-  print("\nimages/s = images per second, each image giving two augmented views.")
+    (tf_wall, tf_cpu), (jax_wall, jax_cpu) = measure(args.data_dir, preset, size, count,
+                                                     batch_size, args.rounds)
+    print(f"| {preset} | {size} | {batch_size} | {tf_wall:,.0f} | {tf_cpu:,.0f} "
+          f"| {jax_wall:,.0f} | {jax_cpu:,.0f} | {jax_wall / tf_wall:.1f}x "
+          f"| {jax_cpu / tf_cpu:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

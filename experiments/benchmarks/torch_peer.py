@@ -4,10 +4,10 @@ r"""The PyTorch peer of train_step.py: the same SimCLR step in plain PyTorch flo
       --width_multiplier=0.25 --cifar_stem --image_size=32 --batch_size=64 --steps=2 --repeats=3
 
 Runs in its own interpreter (torch stays out of the project's requirements: see
-requirements-torch.txt) and prints one JSON line with the best wall and process-CPU seconds per step. The network
-mirrors simclr_jax.models: ResNet v1.5 (basic blocks with a projection shortcut only where the
-shape changes, bottleneck stride on the 3x3), CIFAR stem or 7x7/max-pool stem, 2-layer projection
-head (Dense -> BN -> ReLU -> Dense -> BN, no dense biases), an online linear probe on detached h,
+requirements-torch.txt) and prints one JSON line with the best wall and process-CPU seconds per
+step. The network mirrors simclr_jax.models: ResNet v1.5 (basic blocks with a projection
+shortcut only where the shape changes, bottleneck stride on the 3x3), CIFAR stem or 7x7/max-pool
+stem, 2-layer projection head (Dense -> BN -> ReLU -> Dense -> BN, no dense biases), an online linear probe on detached h,
 NT-Xent over both views of the batch (batch norm over both views together, as the JAX step), and
 SGD with momentum 0.9 and weight decay. Only speed is compared, so inputs are random tensors.
 """
@@ -29,8 +29,8 @@ def scaled(channels: int, width_multiplier: float) -> int:
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int) -> nn.Sequential:
-  return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False),
-                       nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1))
+  conv = nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False)
+  return nn.Sequential(conv, nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1))
 
 
 class Block(nn.Module):

@@ -6,9 +6,10 @@ r"""Pretraining step speed against this machine's float32 matmul ceiling and a P
 For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
 builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
 the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('sgd') and no
-augmentation unless --augment names a preset) on one device, and reports image pairs/s and model
-FLOP/s: XLA's cost analysis of the compiled step divided by the measured step time. Two baselines are measured in the same run, so the
-ratios hold even on a loaded machine:
+augmentation unless --augment names a preset) on one device, and reports image pairs/s (per
+wall-clock and per CPU second of the process) and model FLOP/s: XLA's cost analysis of the
+compiled step divided by the measured step time. Two baselines are measured in the same run, so
+the ratios hold better on a loaded machine than absolute times:
   (a) the ceiling: a float32 square matmul under XLA (GFLOP/s = 2 n^3 / time);
   (b) the peer: the same network, loss and optimizer in plain PyTorch float32 on the same CPU
       (torch_peer.py, run with --torch_python, an interpreter that has torch: see
@@ -146,6 +147,10 @@ def check_torch_python(torch_python: str) -> None:
                      "experiments/benchmarks/requirements-torch.txt`")
 
 
+def _rate(value: float) -> str:
+  return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def table(rows: list[dict], ceiling_gflops: float, has_peer: bool) -> str:
   """Markdown; 'per CPU-s' columns divide by process CPU time (steadier on a shared machine)."""
   header = ["model", "pairs/step", "JAX pairs/s", "JAX pairs/CPU-s", "JAX GFLOP/s",
@@ -157,12 +162,12 @@ def table(rows: list[dict], ceiling_gflops: float, has_peer: bool) -> str:
   for r in rows:
     batch = r["batch_size"]
     jax_gflops = r["flops"] / r["jax_seconds"] / 1e9
-    cells = [r["name"], f"{batch}", f"{batch / r['jax_seconds']:.1f}",
-             f"{batch / r['jax_cpu_seconds']:.1f}", f"{jax_gflops:.1f}",
+    cells = [r["name"], f"{batch}", _rate(batch / r["jax_seconds"]),
+             _rate(batch / r["jax_cpu_seconds"]), f"{jax_gflops:.1f}",
              f"{100 * jax_gflops / ceiling_gflops:.0f}%"]
     if has_peer:
       torch_gflops = r["flops"] / r["torch_seconds"] / 1e9
-      cells += [f"{batch / r['torch_seconds']:.1f}", f"{batch / r['torch_cpu_seconds']:.1f}",
+      cells += [_rate(batch / r["torch_seconds"]), _rate(batch / r["torch_cpu_seconds"]),
                 f"{100 * torch_gflops / ceiling_gflops:.0f}%",
                 f"{r['torch_seconds'] / r['jax_seconds']:.2f}x",
                 f"{r['torch_cpu_seconds'] / r['jax_cpu_seconds']:.2f}x"]

@@ -5,6 +5,9 @@ decay and no warmup by default, crop + flip, cosine decay; 1% / 10% label subset
 class-balanced and deterministic for a seed. The linear head `supervised_head` sits on h or on
 projection-head layer `projection_layer` (v2 fine-tunes from layer 1).
 
+The head starts at zero with `zero_init_head` (the official `--zero_init_logits_layer`): its first
+steps then cannot push large, random logits back into a pretrained encoder.
+
 `fine_tune_after_block=k` (the official flag): k=-1 trains everything; k in 0..4 freezes the stem
 (k=0) and block groups 1..k in two ways at once, as the official code: the model stops gradients
 after block k and runs those layers' BN on running statistics, and the optimizer gives their
@@ -189,6 +192,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
       key, jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32), train=False))(
           jax.random.PRNGKey(config.seed))
   params, batch_stats = sharding.to_host((variables["params"], variables["batch_stats"]))
+  if config.zero_init_head:
+    params[features.SUPERVISED_HEAD] = common.zeros_like(params[features.SUPERVISED_HEAD])
   model_config = config.model.to_dict()
   if not config.from_scratch:
     encoder_export, pretrained = features.load_encoder_variables(

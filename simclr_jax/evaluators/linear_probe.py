@@ -128,6 +128,8 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
   def init(seed_key):
     init_key, augment_key = jax.random.split(seed_key)
     params = head.init(init_key, jnp.zeros((1, feature_dim), jnp.float32))["params"]
+    if config.zero_init_head:
+      params = common.zeros_like(params)
     return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
                             opt_state=optimizer.init(params), rng=augment_key)
 

@@ -1,0 +1,159 @@
+"""The command line: recipes, config errors, and a real run that is preempted and resumed.
+
+The end-to-end test launches `python -m simclr_jax.main` as a user would (8 fake CPU devices, as
+in every test here) three times: uninterrupted, stopped by SIGTERM, and restarted; the restarted
+run must end bitwise equal to the uninterrupted one. The runs share a persistent XLA compilation
+cache, so only the first one compiles.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import cifar100_pretrain
+from configs import cifar10_pretrain
+from configs import imagenet_pretrain
+from configs import smoke_pretrain
+from simclr_jax import input_pipeline
+from simclr_jax import main
+from simclr_jax import train
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {
+    cifar10_pretrain: ("r18", "r50", "cpu", "smoke"),
+    cifar100_pretrain: ("r18", "r50", "cpu", "smoke"),
+    imagenet_pretrain: ("r50_100ep", "r50_1000ep", "smoke"),
+    smoke_pretrain: ("cifar10", "cifar100", "imagenet"),
+}
+PREPARED_SPLITS = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
+                   "imagenet2012": ("train", "validation")}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  directory = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.get_dataset_info("synthetic_shapes", data_dir=directory)
+  return directory
+
+
+def run_main(args, *, env, wait=True):
+  command = [sys.executable, "-m", "simclr_jax.main"] + args
+  if not wait:
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.mark.parametrize("recipe, variant", [
+    (recipe, variant) for recipe, variants in RECIPES.items() for variant in variants])
+def test_every_recipe_variant_is_a_valid_config(recipe, variant, data_dir):
+  config = recipe.get_config(variant)
+  with open(recipe.__file__) as f:
+    assert "python -m simclr_jax.main --config=configs/" in f.read(2000)  # opens with its command
+  if config.dataset == "synthetic_shapes":
+    info = input_pipeline.get_dataset_info(config.dataset, data_dir=data_dir)
+  else:
+    splits = PREPARED_SPLITS[config.dataset]
+    info = input_pipeline.DatasetInfo(name=config.dataset, num_classes=10, class_names=(),
+                                      split_sizes=dict.fromkeys(splits, 50_000),
+                                      image_shape=None)
+  train.validate_pretrain_config(config, num_devices=8, dataset_info=info)
+
+
+def test_recipes_carry_the_official_numbers():
+  cifar = cifar10_pretrain.get_config()
+  assert (cifar.global_batch_size, cifar.num_epochs, cifar.temperature) == (512, 1000, 0.5)
+  assert cifar.model.cifar_stem and cifar.model.depth == 18 and cifar.image_size == 32
+  assert "blur" not in cifar.augment.ops and cifar.augment.color_jitter.strength == 0.5
+  assert (cifar.optimizer.name, cifar.optimizer.base_learning_rate,
+          cifar.optimizer.lr_scaling) == ("lars", 1.0, "linear")
+  assert cifar.optimizer.weight_decay == pytest.approx(1e-4 / 2)  # official value / loss scale
+  imagenet = imagenet_pretrain.get_config()
+  assert (imagenet.model.depth, imagenet.global_batch_size, imagenet.temperature,
+          imagenet.dtype) == (50, 4096, 0.1, "bfloat16")
+  assert (imagenet.optimizer.base_learning_rate, imagenet.optimizer.lr_scaling) == (0.3, "linear")
+  assert "blur" in imagenet.augment.ops and imagenet.augment.color_jitter.strength == 1.0
+  assert imagenet_pretrain.get_config("r50_1000ep").num_epochs == 1000
+  cpu = cifar10_pretrain.get_config("cpu")
+  assert cpu.model.width_multiplier == 0.25 and cpu.optimizer.lr_scaling == "sqrt"
+  with pytest.raises(ValueError, match="unknown config variant 'r19'; allowed: cpu, r18, r50"):
+    cifar10_pretrain.get_config("r19")
+
+
+def test_modes_dispatch_and_unknown_or_missing_modes_fail_clearly(monkeypatch):
+  assert main.resolve_mode("pretrain") is train.pretrain
+  with pytest.raises(ValueError, match="unknown config.mode 'pretrian'; allowed: pretrain, "
+                                       "linear_probe, finetune"):
+    main.resolve_mode("pretrian")
+  monkeypatch.setitem(main.MODES, "linear_probe", ("simclr_jax.not_written_yet", "linear_probe"))
+  with pytest.raises(NotImplementedError, match="'linear_probe' is not available yet"):
+    main.resolve_mode("linear_probe")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.modle.depth=50", "modle"),              # misspelt field: the config is locked
+    ("--config.temperature=warm", "temperature"),      # wrong type
+])
+def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path, env):
+  result = run_main(["--config=configs/smoke_pretrain.py", f"--workdir={tmp_path}", override],
+                    env=env)
+  assert result.returncode != 0
+  assert message in result.stdout + result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def checkpointed_state(workdir, step):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(workdir, train.CHECKPOINT_DIR, str(step), "state"))
+
+
+def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_dir, tmp_path,
+                                                                          env):
+  args = ["--config=configs/smoke_pretrain.py", f"--config.data_dir={data_dir}",
+          "--config.num_train_steps=24", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=100", "--config.knn_every_steps=0"]
+  uninterrupted, interrupted = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
+  finished = run_main(args + [f"--workdir={uninterrupted}"], env=env)
+  assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+  with open(os.path.join(uninterrupted, train.RESULTS_FILE)) as f:
+    results = json.load(f)
+  assert results["step"] == 24 and np.isfinite(results["loss"])
+  for name in (train.METRICS_FILE, train.LOSS_CURVE_FILE, train.CONFIG_FILE, train.EXPORT_DIR):
+    assert os.path.exists(os.path.join(uninterrupted, name)), name
+
+  process = run_main(args + [f"--workdir={interrupted}"], env=env, wait=False)
+  metrics_path = os.path.join(interrupted, train.METRICS_FILE)
+  deadline = time.monotonic() + 300
+  while not (os.path.exists(metrics_path) and '"loss"' in open(metrics_path).read()):
+    assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+  stopped_at, = [int(step) for step in os.listdir(os.path.join(interrupted,
+                                                               train.CHECKPOINT_DIR))]
+  assert 1 <= stopped_at < 24 and f"stopped by SIGTERM after step {stopped_at}" in output
+  assert not os.path.exists(os.path.join(interrupted, train.RESULTS_FILE))
+
+  resumed = run_main(args + [f"--workdir={interrupted}"], env=env)
+  assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+  with open(os.path.join(interrupted, train.RESULTS_FILE)) as f:
+    assert json.load(f)["start_step"] == stopped_at
+  jax.tree.map(np.testing.assert_array_equal, checkpointed_state(interrupted, 24),
+               checkpointed_state(uninterrupted, 24))

@@ -1,0 +1,174 @@
+"""Two processes on localhost (4 CPU devices each, gloo collectives) train like one process.
+
+`python -m simclr_jax.main --coordinator_address=127.0.0.1:PORT --num_processes=2
+--process_id=I` is launched exactly as on a cluster. With `data_shards=2` the global batches do
+not depend on the process count (two input streams either way), so 2 x 4 devices and 1 x 8
+devices see the same batches and must end with the same parameters; checkpoints written by
+either layout must resume on the other. All runs share a persistent compilation cache.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from simclr_jax import input_pipeline
+from simclr_jax import sharding
+from simclr_jax import train
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+# 2 processes vs 1: the same programme, but gradient shares and BN statistics are summed by gloo
+# across processes instead of inside one, in another order. Float32, 4 LARS steps.
+LAYOUT_RTOL = 3e-5
+INDEX_WORKER = """
+import json, sys
+import numpy as np
+from simclr_jax import input_pipeline, sharding
+address, process_id, data_dir, output = sys.argv[1:]
+sharding.initialize_distributed(coordinator_address=address, num_processes=2,
+                                process_id=int(process_id))
+batches = input_pipeline.create_train_iterator(
+    "synthetic_shapes", data_dir=data_dir, split="train", global_batch_size=32, image_size=32,
+    host_crop_views=0, seed=0, mesh=sharding.create_mesh(), data_shards=2)
+read = [sorted(int(i) for shard in next(batches)["index"].addressable_shards
+               for i in np.asarray(shard.data)) for _ in range(3)]
+with open(output, "w") as f:
+  json.dump(read, f)
+"""
+
+
+def free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  directory = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.get_dataset_info("synthetic_shapes", data_dir=directory)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def environments(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  base = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  devices = lambda n: dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+  return {1: devices(8), 2: devices(4)}
+
+
+def launch(command_for_process, num_processes, env):
+  """Runs one command per process; returns their outputs, failing with them if any fails."""
+  processes = [subprocess.Popen(command_for_process(i), cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(num_processes)]
+  outputs = []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=600)[0])
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-4000:]
+  return outputs
+
+
+def train_run(workdir, data_dir, num_processes, environments):
+  args = [sys.executable, "-m", "simclr_jax.main", "--config=configs/smoke_pretrain.py",
+          f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+          f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=2",
+          "--config.keep_checkpoints=3", "--config.log_every_steps=1",
+          "--config.knn_every_steps=2", "--config.knn_train_examples=128",
+          "--config.knn_eval_examples=64", "--config.data_shards=2"]
+  if num_processes == 1:
+    return launch(lambda i: args, 1, environments[1])
+  address = f"127.0.0.1:{free_port()}"
+  return launch(lambda i: args + [f"--coordinator_address={address}", "--num_processes=2",
+                                  f"--process_id={i}"], 2, environments[2])
+
+
+def state_at(workdir, step):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(workdir, train.CHECKPOINT_DIR, str(step), "state"))
+
+
+def assert_same_state(state, reference):
+  for (path, leaf), reference_leaf in zip(jax.tree_util.tree_leaves_with_path(state),
+                                          jax.tree.leaves(reference)):
+    scale = max(float(np.max(np.abs(reference_leaf))), 1e-3) if np.size(reference_leaf) else 1.0
+    np.testing.assert_allclose(leaf, reference_leaf, rtol=0, atol=LAYOUT_RTOL * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, environments, tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  two, one = str(root / "two_processes"), str(root / "one_process")
+  two_outputs = train_run(two, data_dir, 2, environments)
+  train_run(one, data_dir, 1, environments)
+  return root, two, one, two_outputs
+
+
+def test_two_processes_end_with_the_parameters_of_one(runs):
+  _, two, one, _ = runs
+  assert_same_state(state_at(two, STEPS), state_at(one, STEPS))
+  with open(os.path.join(two, train.RESULTS_FILE)) as f:
+    results = json.load(f)
+  assert results["num_processes"] == 2 and results["num_devices"] == 8
+  assert np.isfinite(results["knn_top1"])  # features gathered from both processes
+
+
+def test_only_process_zero_writes_logs(runs):
+  _, two, _, (output_0, output_1) = runs
+  with open(os.path.join(two, train.METRICS_FILE)) as f:
+    loss_steps = [record["step"] for record in map(json.loads, f) if "loss" in record]
+  assert loss_steps == list(range(1, STEPS + 1))  # once per step, not once per process
+  assert len([n for n in os.listdir(two) if n.startswith("events.out.tfevents")]) == 1
+  assert "contrastive_accuracy=" in output_0 and "contrastive_accuracy=" not in output_1
+
+
+def test_each_process_reads_a_disjoint_part_of_the_data(data_dir, environments, tmp_path):
+  address = f"127.0.0.1:{free_port()}"
+  outputs = [str(tmp_path / f"read_{i}.json") for i in range(2)]
+  launch(lambda i: [sys.executable, "-c", INDEX_WORKER, address, str(i), data_dir, outputs[i]],
+         2, environments[2])
+  read = []
+  for path in outputs:
+    with open(path) as f:
+      read.append(json.load(f))
+  half = input_pipeline.get_dataset_info("synthetic_shapes", data_dir=data_dir).split_sizes[
+      "train"] // 2
+  one_process = input_pipeline.create_train_iterator(
+      "synthetic_shapes", data_dir=data_dir, split="train", global_batch_size=32, image_size=32,
+      host_crop_views=0, seed=0, mesh=sharding.create_mesh(), data_shards=2)
+  for step in range(3):
+    first, second = read[0][step], read[1][step]
+    assert len(first) == len(second) == 16
+    assert max(first) < half <= min(second)  # each process streams its own half of the split
+    assert sorted(first + second) == sorted(np.asarray(next(one_process)["index"]).tolist())
+
+
+@pytest.mark.parametrize("written_by, resumed_by", [(2, 1), (1, 2)])
+def test_a_checkpoint_of_one_layout_resumes_on_the_other(runs, data_dir, environments,
+                                                         written_by, resumed_by):
+  root, two, one, _ = runs
+  source, reference = {2: two, 1: one}[written_by], {2: two, 1: one}[resumed_by]
+  workdir = str(root / f"written_by_{written_by}_resumed_by_{resumed_by}")
+  shutil.copytree(os.path.join(source, train.CHECKPOINT_DIR, "2"),
+                  os.path.join(workdir, train.CHECKPOINT_DIR, "2"))
+  train_run(workdir, data_dir, resumed_by, environments)
+  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+    assert json.load(f)["start_step"] == 2
+  assert_same_state(state_at(workdir, STEPS), state_at(reference, STEPS))
