@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 STATE = "state"
@@ -114,3 +115,18 @@ class TrainCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def read_state_as_numpy(directory: str, step: int) -> Any:
+  """The state saved at `step` as a tree of NumPy arrays, whatever devices wrote it.
+
+  For inspecting or comparing checkpoints on any machine (a laptop, a test); training resumes
+  through `TrainCheckpointer.restore_latest`, which also restores the state's structure.
+  """
+  path = os.path.join(os.path.abspath(directory), str(step), STATE)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpointed state at {path}")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, restore_args=as_numpy)

@@ -205,8 +205,8 @@ def augment_views(augment_view: Callable, images: jax.Array, indices: jax.Array,
 
   Image i's key is fold_in(fold_in(base_key, step), global_index[i]), split into one key per
   view, so a view depends on the image, not on which device holds it. `augment_view(key, image,
-  view=v)` is `augment.build_augmentation`'s function (`view` picks per-view probabilities). `images` is [n, H, W, 3]
-  (the device crops) or [n, 2, S, S, 3] (host crops, one per view).
+  view=v)` is `augment.build_augmentation`'s function (`view` picks per-view probabilities).
+  `images` is [n, H, W, 3] (the device crops) or [n, 2, S, S, 3] (host crops, one per view).
   """
   step_key = jax.random.fold_in(base_key, step)
   image_keys = jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
@@ -467,9 +467,74 @@ def _check_resumable(record: Mapping[str, Any], config: ml_collections.ConfigDic
                     "(the learning-rate schedule changes)", record.get("total_steps"), total_steps)
 
 
-def _mean_metrics(step_metrics: list[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
-  names = step_metrics[0][1].keys()
-  return {name: float(np.mean([metrics[name] for _, metrics in step_metrics])) for name in names}
+class TrainLog:
+  """Per-step metrics between log points: fetched in one go, checked, averaged and written.
+
+  Fetching only at log points keeps the host from waiting on every step. Throughput is timed
+  from the end of the first (compiling) step, without the time spent in monitors.
+  """
+
+  def __init__(self, writer: metric_writers.MetricWriter, global_batch_size: int):
+    self._writer = writer
+    self._batch_size = global_batch_size
+    self._pending: list[tuple[int, Any]] = []
+    self._clock_start = self._interval_start = None
+    self._first_step = self._interval_step = None
+    self._excluded_seconds = 0.0
+    self.summary: dict[str, float] = {}
+
+  def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+    if self._clock_start is None:
+      jax.block_until_ready(metrics)
+      self._clock_start = self._interval_start = time.monotonic()
+      self._first_step = self._interval_step = step
+
+  def flush(self, step: int, last_saved_step: int | None) -> None:
+    """Raises FloatingPointError on NaN/Inf; otherwise writes the interval's means at `step`."""
+    fetched = [(s, sharding.to_host(m)) for s, m in self._pending]
+    self._pending.clear()
+    check_finite(fetched, last_saved_step)
+    self.summary = {name: float(np.mean([metrics[name] for _, metrics in fetched]))
+                    for name in fetched[0][1]}
+    now = time.monotonic()
+    if step > self._interval_step:
+      self.summary["examples_per_sec"] = ((step - self._interval_step) * self._batch_size /
+                                          (now - self._interval_start))
+    self._interval_start, self._interval_step = now, step
+    self._writer.write_scalars(step, self.summary)
+
+  def write_monitor(self, step: int, name: str, value: float, seconds: float) -> None:
+    """A monitor's value; its `seconds` do not count as training time."""
+    self.summary[name] = value
+    self._writer.write_scalars(step, {name: value})
+    self._excluded_seconds += seconds
+    self._interval_start += seconds
+
+  def throughput(self, last_step: int) -> tuple[float, float]:
+    """(training seconds, examples/s) from the end of the first step to `last_step`."""
+    if self._clock_start is None:
+      return 0.0, 0.0
+    seconds = time.monotonic() - self._clock_start - self._excluded_seconds
+    steps = last_step - self._first_step
+    return seconds, (steps * self._batch_size / seconds if steps and seconds > 0 else 0.0)
+
+
+def _restore_or_initialize(checkpointer: checkpointing.TrainCheckpointer,
+                           initialize: Callable[[], TrainState], config: ml_collections.ConfigDict,
+                           total_steps: int, workdir: str) -> TrainState:
+  """The newest good checkpoint of this run, or a fresh state; refuses another run's workdir."""
+  record = checkpointer.latest_record()
+  if record is not None:
+    _check_resumable(record, config, total_steps, workdir)  # before anything compiles
+  state = initialize()
+  restored = checkpointer.restore_latest(state)
+  if restored is None:
+    return state
+  state, restored_record = restored
+  if restored_record != record:  # fell back to an older checkpoint
+    _check_resumable(restored_record, config, total_steps, workdir)
+  return state
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
@@ -482,8 +547,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = mesh if mesh is not None else sharding.create_mesh()
   info = input_pipeline.get_dataset_info(config.dataset, data_dir=data_dir(config))
   validate_pretrain_config(config, num_devices=mesh.devices.size, dataset_info=info)
-  num_examples = info.split_sizes[config.train_split]
-  total_steps, warmup_steps = training_steps(config, num_examples)
+  total_steps, warmup_steps = training_steps(config, info.split_sizes[config.train_split])
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -502,35 +566,47 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
                                             crop_on_device=config.host_crop_views == 0)
   checkpointer = checkpointing.TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                                  keep=config.keep_checkpoints)
-  record = checkpointer.latest_record()
-  if record is not None:
-    try:
-      _check_resumable(record, config, total_steps, workdir)
-    except ValueError:
-      checkpointer.close()
-      raise
-  state = create_train_state(model, optimizer, seed=config.seed, image_size=config.image_size,
-                             mesh=mesh)
-  restored = checkpointer.restore_latest(state)
-  if restored is not None and restored[1] != record:  # fell back to an older checkpoint
-    _check_resumable(restored[1], config, total_steps, workdir)
-  if restored is not None:
-    state = restored[0]
-  start_step = int(sharding.to_host(state.step))
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  if start_step >= total_steps and os.path.exists(results_path):
+  try:
+    state = _restore_or_initialize(
+        checkpointer, lambda: create_train_state(model, optimizer, seed=config.seed,
+                                                 image_size=config.image_size, mesh=mesh),
+        config, total_steps, workdir)
+    start_step = int(sharding.to_host(state.step))
+    results_path = os.path.join(workdir, RESULTS_FILE)
+    if start_step >= total_steps and os.path.exists(results_path):
+      logging.info("%s already finished %d steps; returning its results", workdir, start_step)
+      with open(results_path) as f:
+        return json.load(f)
+    logging.info("pretraining %s on %s: %d steps (%d warmup) of %d images on %d device(s) in "
+                 "%d process(es), starting at step %d", config.model.to_dict(), config.dataset,
+                 total_steps, warmup_steps, config.global_batch_size, mesh.devices.size,
+                 jax.process_count(), start_step)
+    train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
+                                 learning_rate_fn=schedule, mesh=mesh)
+    state, summary = _train_loop(config, workdir, mesh, state, train_step, checkpointer,
+                                 make_feature_fn(model), info.num_classes, total_steps)
+  finally:
+    checkpointer.wait_until_finished()
     checkpointer.close()
-    logging.info("%s already finished %d steps; returning its results", workdir, start_step)
-    with open(results_path) as f:
-      return json.load(f)
-  logging.info("pretraining %s on %s: %d steps (%d warmup) of %d images on %d device(s) in %d "
-               "process(es), starting at step %d", config.model.to_dict(), config.dataset,
-               total_steps, warmup_steps, config.global_batch_size, mesh.devices.size,
-               jax.process_count(), start_step)
 
-  train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
-                               learning_rate_fn=schedule, mesh=mesh)
-  feature_fn = make_feature_fn(model)
+  results = {"mode": "pretrain", "dataset": config.dataset, **summary,
+             "start_step": start_step, "global_batch_size": config.global_batch_size,
+             "num_devices": int(mesh.devices.size), "num_processes": jax.process_count()}
+  export_encoder(workdir, config, state, info.num_classes)
+  if jax.process_index() == 0:
+    curves.plot_training_curves(os.path.join(workdir, METRICS_FILE),
+                                os.path.join(workdir, LOSS_CURVE_FILE),
+                                title=f"SimCLR {config.dataset}")
+  write_results(workdir, results)
+  return results
+
+
+def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+                state: TrainState, train_step: Callable, checkpointer:
+                checkpointing.TrainCheckpointer, feature_fn: Callable, num_classes: int,
+                total_steps: int) -> tuple[TrainState, dict[str, float]]:
+  """Steps from state.step to total_steps with logging, k-NN, checkpoints and stop requests."""
+  start_step = int(sharding.to_host(state.step))
   batches = input_pipeline.create_train_iterator(
       config.dataset, data_dir=data_dir(config), split=config.train_split,
       global_batch_size=config.global_batch_size, image_size=config.image_size,
@@ -539,77 +615,35 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   writer = create_metric_writer(workdir)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps)
-  results = {"mode": "pretrain", "dataset": config.dataset}
+  log = TrainLog(writer, config.global_batch_size)
   last_saved = checkpointer.latest_step()
-  pending: list[tuple[int, Any]] = []
-  last_summary = {}
-  timing = {"start": None, "start_step": None, "interval_start": None, "interval_step": None,
-            "monitor_seconds": 0.0}
-
-  def flush_pending(step: int) -> dict[str, float]:
-    """Fetches the metrics since the last flush, checks them, logs their mean at `step`."""
-    fetched = [(s, sharding.to_host(m)) for s, m in pending]
-    pending.clear()
-    check_finite(fetched, last_saved)
-    summary = _mean_metrics(fetched)
-    now = time.monotonic()
-    if timing["interval_start"] is not None and step > timing["interval_step"]:
-      summary["examples_per_sec"] = ((step - timing["interval_step"]) *
-                                     config.global_batch_size / (now - timing["interval_start"]))
-    timing["interval_start"], timing["interval_step"] = now, step
-    writer.write_scalars(step, summary)
-    return summary
-
   try:
     with StopRequest() as stop_request:
       for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, next(batches))
-        pending.append((step, metrics))
-        if timing["start"] is None:  # Time from the end of the first (compiling) step.
-          jax.block_until_ready(metrics)
-          timing.update(start=time.monotonic(), start_step=step,
-                        interval_start=time.monotonic(), interval_step=step)
+        log.add(step, metrics)
         report_progress(step)
         stopping = stop_request.should_stop(step)
         saving = stopping or step % config.checkpoint_every_steps == 0 or step == total_steps
-        knn_due = config.knn_every_steps and (step % config.knn_every_steps == 0 or
-                                              step == total_steps)
+        knn_due = config.knn_every_steps > 0 and (step % config.knn_every_steps == 0 or
+                                                  step == total_steps)
         if saving or knn_due or step % config.log_every_steps == 0:
-          last_summary = flush_pending(step)
+          log.flush(step, last_saved)  # before saving: a NaN state is never checkpointed
         if knn_due:
-          knn_start = time.monotonic()
-          knn_top1 = knn_monitor(config, feature_fn, state, num_classes=info.num_classes,
-                                 mesh=mesh)
-          last_summary["knn_top1"] = knn_top1
-          writer.write_scalars(step, {"knn_top1": knn_top1})
-          timing["interval_start"] = time.monotonic()  # Keep k-NN out of examples/s.
-          timing["monitor_seconds"] += timing["interval_start"] - knn_start
+          monitor_start = time.monotonic()
+          knn_top1 = knn_monitor(config, feature_fn, state, num_classes=num_classes, mesh=mesh)
+          log.write_monitor(step, "knn_top1", knn_top1, time.monotonic() - monitor_start)
         if saving:
           checkpointer.save(step, state, _run_record(config, step, total_steps))
           last_saved = step
         if stopping:
           checkpointer.wait_until_finished()
           raise Preempted(step, workdir)
-      train_seconds = (time.monotonic() - timing["start"] - timing["monitor_seconds"]
-                       if timing["start"] else 0.0)
   finally:
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    batches.close()
     writer.close()
-
-  measured_steps = total_steps - (timing["start_step"] or total_steps)
-  examples_per_sec = (measured_steps * config.global_batch_size / train_seconds
-                      if train_seconds > 0 else 0.0)
-  results.update({name: value for name, value in last_summary.items()
-                  if name != "examples_per_sec"})
-  results.update(step=total_steps, start_step=start_step, global_batch_size=config.global_batch_size,
-                 num_devices=int(mesh.devices.size), num_processes=jax.process_count(),
-                 train_seconds=train_seconds, examples_per_sec=examples_per_sec,
-                 pairs_per_sec=examples_per_sec)
-  export_encoder(workdir, config, state, info.num_classes)
-  if jax.process_index() == 0:
-    curves.plot_training_curves(os.path.join(workdir, METRICS_FILE),
-                                os.path.join(workdir, LOSS_CURVE_FILE),
-                                title=f"SimCLR {config.dataset}")
-  write_results(workdir, results)
-  return results
+  train_seconds, examples_per_sec = log.throughput(total_steps)
+  summary = {name: value for name, value in log.summary.items() if name != "examples_per_sec"}
+  summary.update(step=total_steps, train_seconds=train_seconds,
+                 examples_per_sec=examples_per_sec, pairs_per_sec=examples_per_sec)
+  return state, summary

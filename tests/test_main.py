@@ -14,13 +14,13 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar100_pretrain
 from configs import cifar10_pretrain
 from configs import imagenet_pretrain
 from configs import smoke_pretrain
+from simclr_jax import checkpointing
 from simclr_jax import input_pipeline
 from simclr_jax import main
 from simclr_jax import train
@@ -119,8 +119,7 @@ def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path, en
 
 
 def checkpointed_state(workdir, step):
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(workdir, train.CHECKPOINT_DIR, str(step), "state"))
+  return checkpointing.read_state_as_numpy(os.path.join(workdir, train.CHECKPOINT_DIR), step)
 
 
 def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_dir, tmp_path,

@@ -15,9 +15,9 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from simclr_jax import checkpointing
 from simclr_jax import input_pipeline
 from simclr_jax import sharding
 from simclr_jax import train
@@ -25,10 +25,15 @@ from simclr_jax import train
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 # 2 processes vs 1: the same programme, but gradient shares and BN statistics are summed by gloo
-# across processes instead of inside one, in another order. Float32, 4 LARS steps.
-LAYOUT_RTOL = 3e-5
+# across processes instead of inside one, in another order. The smoke recipe takes full-rate
+# LARS steps from step 0, which amplifies float32 rounding in a few near-degenerate BN channels:
+# after 4 steps, 1 device vs 8 devices in ONE process differ by 2.8e-5 (params), 3.0e-6 (BN
+# statistics) and 1.6e-4 (momentum) in global relative L2 norm, and 2 processes vs 1 by the same
+# amounts. The bounds leave a 3x margin; a wrong reduction (a missed or doubled device) is O(1).
+GLOBAL_RTOL = {"params": 1e-4, "batch_stats": 1e-5, "opt_state": 5e-4}
+LOSS_RTOL = 1e-5
 INDEX_WORKER = """
-import json, sys
+import json, sys, threading
 import numpy as np
 from simclr_jax import input_pipeline, sharding
 address, process_id, data_dir, output = sys.argv[1:]
@@ -39,6 +44,10 @@ batches = input_pipeline.create_train_iterator(
     host_crop_views=0, seed=0, mesh=sharding.create_mesh(), data_shards=2)
 read = [sorted(int(i) for shard in next(batches)["index"].addressable_shards
                for i in np.asarray(shard.data)) for _ in range(3)]
+batches.close()
+for thread in threading.enumerate():  # the prefetch thread must end before jax.distributed does
+  if thread is not threading.main_thread():
+    thread.join(timeout=30)
 with open(output, "w") as f:
   json.dump(read, f)
 """
@@ -100,16 +109,36 @@ def train_run(workdir, data_dir, num_processes, environments):
 
 
 def state_at(workdir, step):
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(workdir, train.CHECKPOINT_DIR, str(step), "state"))
+  return checkpointing.read_state_as_numpy(os.path.join(workdir, train.CHECKPOINT_DIR), step)
 
 
-def assert_same_state(state, reference):
-  for (path, leaf), reference_leaf in zip(jax.tree_util.tree_leaves_with_path(state),
-                                          jax.tree.leaves(reference)):
-    scale = max(float(np.max(np.abs(reference_leaf))), 1e-3) if np.size(reference_leaf) else 1.0
-    np.testing.assert_allclose(leaf, reference_leaf, rtol=0, atol=LAYOUT_RTOL * scale,
-                               err_msg=jax.tree_util.keystr(path))
+def relative_distance(tree, reference) -> float:
+  """||tree - reference|| / ||reference|| over all leaves, in float64."""
+  pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
+           for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(reference))]
+  return (np.sqrt(sum(np.sum((a - b) ** 2) for a, b in pairs)) /
+          np.sqrt(sum(np.sum(b ** 2) for _, b in pairs)))
+
+
+def assert_same_run(workdir, reference):
+  state, expected = state_at(workdir, STEPS), state_at(reference, STEPS)
+  assert int(state["step"]) == STEPS
+  np.testing.assert_array_equal(state["rng"], expected["rng"])
+  for part, bound in GLOBAL_RTOL.items():
+    distance = relative_distance(state[part], expected[part])
+    assert distance < bound, f"{part} differ by {distance:.2e} (relative L2) > {bound:.0e}"
+  assert_same_losses(workdir, reference)
+
+
+def losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+    return {record["step"]: record["loss"] for record in map(json.loads, f) if "loss" in record}
+
+
+def assert_same_losses(workdir, reference):
+  mine, expected = losses(workdir), losses(reference)
+  for step in mine:
+    np.testing.assert_allclose(mine[step], expected[step], rtol=LOSS_RTOL, err_msg=f"step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +152,7 @@ def runs(data_dir, environments, tmp_path_factory):
 
 def test_two_processes_end_with_the_parameters_of_one(runs):
   _, two, one, _ = runs
-  assert_same_state(state_at(two, STEPS), state_at(one, STEPS))
+  assert_same_run(two, one)
   with open(os.path.join(two, train.RESULTS_FILE)) as f:
     results = json.load(f)
   assert results["num_processes"] == 2 and results["num_devices"] == 8
@@ -171,4 +200,4 @@ def test_a_checkpoint_of_one_layout_resumes_on_the_other(runs, data_dir, environ
   train_run(workdir, data_dir, resumed_by, environments)
   with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
     assert json.load(f)["start_step"] == 2
-  assert_same_state(state_at(workdir, STEPS), state_at(reference, STEPS))
+  assert_same_run(workdir, reference)

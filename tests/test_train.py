@@ -11,7 +11,6 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import smoke_pretrain
@@ -150,10 +149,8 @@ def test_online_probe_cannot_change_the_encoder(one_and_eight_devices, data_dir)
   assert np.any(probe_grads["linear_head"]["dense"]["kernel"] != 0)
 
 
-def state_at(workdir: str, step: int) -> dict:
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(workdir, train.CHECKPOINT_DIR, str(step),
-                                             checkpointing.STATE))
+def state_at(workdir, step):
+  return checkpointing.read_state_as_numpy(os.path.join(workdir, train.CHECKPOINT_DIR), step)
 
 
 @pytest.fixture(scope="module")

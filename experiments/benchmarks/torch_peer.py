@@ -114,7 +114,9 @@ def main(argv) -> None:
   parser.add_argument("--num_classes", type=int, default=10)
   parser.add_argument("--steps", type=int, default=2, help="steps per timed window")
   parser.add_argument("--repeats", type=int, default=3, help="timed windows; the best is kept")
-  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--warmup", type=int, default=3,
+                      help="untimed steps first: eager PyTorch needs a few (oneDNN primitive "
+                      "creation, allocator caches) before its step time settles")
   args = parser.parse_args(argv)
 
   torch.manual_seed(0)

@@ -14,8 +14,8 @@ the ratios hold better on a loaded machine than absolute times:
   (b) the peer: the same network, loss and optimizer in plain PyTorch float32 on the same CPU
       (torch_peer.py, run with --torch_python, an interpreter that has torch: see
       requirements-torch.txt). The peer's FLOP/s use the same XLA flop count.
-Times are the best of --repeats windows of --steps steps after a warm-up step (other processes
-only ever add time). Inputs are random: augmentation and input throughput are measured elsewhere.
+Times are the best of --repeats windows of --steps steps after warm-up steps (one for the
+compiled JAX step, --torch_warmup for eager PyTorch; other processes only ever add time). Inputs are random: augmentation and input throughput are measured elsewhere.
 """
 import argparse
 import datetime
@@ -121,12 +121,17 @@ def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, r
 
 
 def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_size: int,
-                  steps: int, repeats: int) -> dict:
+                  steps: int, repeats: int, warmup: int, omp_wait_policy: str) -> dict:
+  """Runs torch_peer.py; `omp_wait_policy` ('' = OpenMP's default) is set for that process."""
   command = [torch_python, PEER_SCRIPT, f"--depth={config['depth']}",
              f"--width_multiplier={config['width_multiplier']}", f"--image_size={image_size}",
              f"--batch_size={batch_size}", f"--num_classes={NUM_CLASSES}", f"--steps={steps}",
-             f"--repeats={repeats}"] + (["--cifar_stem"] if config["cifar_stem"] else [])
-  completed = subprocess.run(command, capture_output=True, text=True, check=False)
+             f"--repeats={repeats}", f"--warmup={warmup}"] + (
+                 ["--cifar_stem"] if config["cifar_stem"] else [])
+  env = dict(os.environ)
+  if omp_wait_policy:
+    env["OMP_WAIT_POLICY"] = omp_wait_policy
+  completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   if completed.returncode != 0:
     raise RuntimeError(f"the PyTorch peer failed ({' '.join(command)}):\n{completed.stderr}")
   result = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -189,6 +194,13 @@ def main(argv) -> None:
                       help="augmentation preset inside the JAX step (the peer never augments)")
   parser.add_argument("--torch_python", default="",
                       help="interpreter with torch for the PyTorch peer (omit to skip the peer)")
+  parser.add_argument("--torch_omp_wait_policy", default="PASSIVE",
+                      help="OMP_WAIT_POLICY of the peer: PASSIVE keeps PyTorch's OpenMP threads "
+                      "from spinning when other processes share the cores (3x slower steps on "
+                      "this machine when busy); '' leaves OpenMP's default")
+  parser.add_argument("--torch_warmup", type=int, default=3,
+                      help="untimed peer steps (JAX's warm-up is compiling plus one step; eager "
+                      "PyTorch takes a few steps to settle)")
   args = parser.parse_args(argv)
   if args.torch_python:
     check_torch_python(args.torch_python)
@@ -208,10 +220,12 @@ def main(argv) -> None:
     row = {"name": name, "batch_size": batch_size, "flops": jax_result["flops"],
            "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
     if args.torch_python:
-      torch_result = measure_torch(args.torch_python, config, **timing)
+      torch_result = measure_torch(args.torch_python, config, warmup=args.torch_warmup,
+                                   omp_wait_policy=args.torch_omp_wait_policy, **timing)
       row["torch_seconds"] = torch_result["seconds"]
       row["torch_cpu_seconds"] = torch_result["cpu_seconds"]
-      peer = f"PyTorch {torch_result['torch']} with {torch_result['threads']} threads"
+      peer = (f"PyTorch {torch_result['torch']} with {torch_result['threads']} threads, "
+              f"OMP_WAIT_POLICY={args.torch_omp_wait_policy or 'default'}")
     rows.append(row)
     print(f"measured {name}", file=sys.stderr, flush=True)
   ceilings.append(measure_matmul(args.matmul_size, args.repeats))

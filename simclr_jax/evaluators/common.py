@@ -144,10 +144,6 @@ def assert_unchanged(before: Mapping[str, Any], after: Mapping[str, Any], what: 
                          "meant to be frozen (a bug in the evaluation step)")
 
 
-def zeros_like(tree: Any) -> Any:
-  return jax.tree.map(jnp.zeros_like, tree)
-
-
 def training_images(batch: Mapping[str, jax.Array]) -> jax.Array:
   """[B, H, W, 3] uint8 of a train batch, whether the device crops or the host cropped one view."""
   images = batch["image"]

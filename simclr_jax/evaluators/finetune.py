@@ -34,6 +34,7 @@ from simclr_jax import checkpointing
 from simclr_jax import features
 from simclr_jax import input_pipeline
 from simclr_jax import losses
+from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import sharding
 from simclr_jax import train
@@ -168,6 +169,39 @@ def make_finetune_step(classifier: features.Classifier, optimizer: optax.Gradien
   return jax.jit(step, donate_argnums=0)
 
 
+def initial_variables(config: ml_collections.ConfigDict, classifier: features.Classifier
+                      ) -> tuple[dict, dict, dict]:
+  """(params, batch_stats, model config to export) on the host, before any training.
+
+  From an export, only the linear head is initialised here (initialising a whole ResNet compiles
+  its random initialisers, which takes seconds on a CPU); from scratch, everything.
+  """
+  key = jax.random.PRNGKey(config.seed)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  if config.from_scratch:
+    variables = sharding.to_host(jax.jit(
+        lambda key: classifier.init(key, images, train=False))(key))
+    params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+    model_config = config.model.to_dict()
+  else:
+    encoder_export, pretrained = features.load_encoder_variables(
+        config.init_from, config.model, projection_layer=config.projection_layer,
+        image_size=config.image_size)
+    shapes = jax.eval_shape(lambda: classifier.init(key, images, train=False))
+    feature_dim = shapes["params"][features.SUPERVISED_HEAD]["dense"]["kernel"].shape[0]
+    head = models.LinearHead(classifier.num_classes)
+    params = dict(pretrained["params"], **{features.SUPERVISED_HEAD: sharding.to_host(
+        head.init(key, jnp.zeros((1, feature_dim), jnp.float32))["params"])})
+    batch_stats = dict(pretrained["batch_stats"])
+    # The export's architecture (checked equal to config.model) with this run's BN momentum.
+    model_config = dict(encoder_export.model_config.to_dict(),
+                        bn_momentum=config.model.bn_momentum)
+  if config.zero_init_head:
+    params[features.SUPERVISED_HEAD] = jax.tree.map(np.zeros_like,
+                                                    params[features.SUPERVISED_HEAD])
+  return params, batch_stats, model_config
+
+
 def _run_record(config: ml_collections.ConfigDict, step: int, subset_record: Mapping) -> dict:
   return {"step": step, "mode": "finetune", "seed": config.seed, "dataset": config.dataset,
           "init_from": config.init_from, "global_batch_size": config.global_batch_size,
@@ -188,22 +222,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
   classifier = features.create_classifier(
       config.model, num_classes=info.num_classes, projection_layer=config.projection_layer,
       axis_name=DATA_AXIS, dtype=common.dtype(config))
-  variables = jax.jit(lambda key: classifier.init(
-      key, jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32), train=False))(
-          jax.random.PRNGKey(config.seed))
-  params, batch_stats = sharding.to_host((variables["params"], variables["batch_stats"]))
-  if config.zero_init_head:
-    params[features.SUPERVISED_HEAD] = common.zeros_like(params[features.SUPERVISED_HEAD])
-  model_config = config.model.to_dict()
-  if not config.from_scratch:
-    encoder_export, pretrained = features.load_encoder_variables(
-        config.init_from, config.model, projection_layer=config.projection_layer,
-        image_size=config.image_size)
-    params = dict(params, **pretrained["params"])
-    batch_stats = dict(batch_stats, **pretrained["batch_stats"])
-    # The export's architecture (checked equal) with this run's BN momentum.
-    model_config = dict(encoder_export.model_config.to_dict(),
-                        bn_momentum=config.model.bn_momentum)
+  params, batch_stats, model_config = initial_variables(config, classifier)
 
   results_path = os.path.join(workdir, train.RESULTS_FILE)
   subset, subset_record = choose_label_subset(config, split_sizes[config.train_split])
@@ -319,6 +338,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
       results.update(train_loss=last_metrics["loss"], train_top1=last_metrics["train_top1"])
     writer.write_scalars(total_steps, {"test_top1": results["top1"], "test_top5": results["top5"]})
   finally:
+    batches.close()  # stop the prefetch thread before the interpreter exits
     checkpointer.wait_until_finished()
     checkpointer.close()
     writer.close()

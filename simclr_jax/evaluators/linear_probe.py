@@ -129,7 +129,7 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
     init_key, augment_key = jax.random.split(seed_key)
     params = head.init(init_key, jnp.zeros((1, feature_dim), jnp.float32))["params"]
     if config.zero_init_head:
-      params = common.zeros_like(params)
+      params = jax.tree.map(jnp.zeros_like, params)
     return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
                             opt_state=optimizer.init(params), rng=augment_key)
 
@@ -179,6 +179,7 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         checkpointer.save(step, state, _run_record(config, step))
   finally:
+    batches.close()  # stop the prefetch thread before the interpreter exits
     checkpointer.wait_until_finished()
     checkpointer.close()
   report = {"num_train_steps": total_steps, "num_train_examples": num_examples}
