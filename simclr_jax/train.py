@@ -520,13 +520,10 @@ class TrainLog:
     return seconds, (steps * self._batch_size / seconds if steps and seconds > 0 else 0.0)
 
 
-def _restore_or_initialize(checkpointer: checkpointing.TrainCheckpointer,
+def _restore_or_initialize(checkpointer: checkpointing.TrainCheckpointer, record: dict | None,
                            initialize: Callable[[], TrainState], config: ml_collections.ConfigDict,
                            total_steps: int, workdir: str) -> TrainState:
-  """The newest good checkpoint of this run, or a fresh state; refuses another run's workdir."""
-  record = checkpointer.latest_record()
-  if record is not None:
-    _check_resumable(record, config, total_steps, workdir)  # before anything compiles
+  """The newest good checkpoint (whose `record` was checked already), or a fresh state."""
   state = initialize()
   restored = checkpointer.restore_latest(state)
   if restored is None:
@@ -567,16 +564,20 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = checkpointing.TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                                  keep=config.keep_checkpoints)
   try:
+    record = checkpointer.latest_record()
+    if record is not None:  # refuse another run's workdir before anything compiles
+      _check_resumable(record, config, total_steps, workdir)
+      results_path = os.path.join(workdir, RESULTS_FILE)
+      if record["step"] >= total_steps and os.path.exists(results_path):
+        logging.info("%s already finished %d steps; returning its results", workdir,
+                     record["step"])
+        with open(results_path) as f:
+          return json.load(f)
     state = _restore_or_initialize(
-        checkpointer, lambda: create_train_state(model, optimizer, seed=config.seed,
-                                                 image_size=config.image_size, mesh=mesh),
+        checkpointer, record, lambda: create_train_state(
+            model, optimizer, seed=config.seed, image_size=config.image_size, mesh=mesh),
         config, total_steps, workdir)
     start_step = int(sharding.to_host(state.step))
-    results_path = os.path.join(workdir, RESULTS_FILE)
-    if start_step >= total_steps and os.path.exists(results_path):
-      logging.info("%s already finished %d steps; returning its results", workdir, start_step)
-      with open(results_path) as f:
-        return json.load(f)
     logging.info("pretraining %s on %s: %d steps (%d warmup) of %d images on %d device(s) in "
                  "%d process(es), starting at step %d", config.model.to_dict(), config.dataset,
                  total_steps, warmup_steps, config.global_batch_size, mesh.devices.size,
