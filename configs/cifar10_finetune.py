@@ -7,7 +7,8 @@ r"""Fine-tuning on CIFAR-10 with all, 10% or 1% of the labels, from an export or
 Variants: `100pct`, `10pct`, `1pct` (class-balanced label subsets, the same for the same seed;
 results.json and label_subset.json record them), each also as `<n>pct_scratch`: the same recipe
 from a random init (the paper's supervised baseline; no init_from). `cpu`: the width-1/4 ResNet-18
-of cifar10_pretrain.py:cpu on 10% of the labels. `smoke`, `smoke_scratch`: tiny, on synthetic_shapes.
+of cifar10_pretrain.py:cpu on 10% of the labels. `smoke`, `smoke_scratch`: tiny, on
+synthetic_shapes.
 
 The paper's recipe (SimCLR appendix B.5): SGD with Nesterov momentum 0.9, LR 0.05 * B / 256,
 no warmup, no weight decay or other regularisation, crop + flip, cosine decay; epochs count passes
@@ -58,8 +59,6 @@ def finetune_config(label_fraction: float = 1.0, *, num_epochs: float = 30.0,
   config.eval_every_steps = 500      # test top-1 during training (0 = only at the end)
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
-  config.knn_k = 0                   # not used by fine-tuning
-  config.knn_temperature = 0.1
   return config
 
 

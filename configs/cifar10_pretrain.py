@@ -4,7 +4,7 @@ r"""SimCLR pretraining on CIFAR-10: the official CIFAR recipe and smaller forms 
       --config.data_dir=DIR_WITH_PREPARED_TFDS_CIFAR10
 
 Variants: `r18` (default; the official README's CIFAR-10 command), `r50`, `cpu` (ResNet-18 at
-width 1/4, sized for minutes on a laptop CPU), `smoke` (tiny, 20 steps on generated data).
+width 1/4, sized for minutes on a laptop CPU), `smoke` (tiny, 60 steps on generated data).
 
 The official command (google-research/simclr README) is
   run.py --train_batch_size=512 --train_epochs=1000 --learning_rate=1.0 --weight_decay=1e-4

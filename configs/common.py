@@ -62,21 +62,21 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
 
 def shrink_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A recipe's smoke form: same code paths, tiny ResNet-18, generated data, a few steps."""
+  """A recipe's smoke form: same code paths, tiny ResNet-18, generated data, ~1 minute on a CPU."""
   config.dataset = SMOKE_DATASET
   config.data_dir = ""
   config.image_size = 32
   config.model.depth = 18
   config.model.width_multiplier = 0.125
   config.global_batch_size = 32
-  config.num_train_steps = 20
+  config.num_train_steps = 60
   config.optimizer.base_learning_rate = 0.075   # the paper's square-root rule for small batches
   config.optimizer.lr_scaling = "sqrt"
-  config.optimizer.warmup_epochs = 0.0
-  config.log_every_steps = 5
-  config.checkpoint_every_steps = 10
+  config.optimizer.warmup_epochs = 0.04         # 7 steps on the 5000 generated images
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 30
   config.keep_checkpoints = 2
-  config.knn_every_steps = 10
+  config.knn_every_steps = 30
   config.knn_train_examples = 512
   config.knn_eval_examples = 256
   config.knn_k = 20

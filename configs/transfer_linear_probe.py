@@ -5,12 +5,14 @@ r"""Transfer linear evaluation: a frozen encoder on another labelled dataset, L-
       --config.data_dir=DIR_WITH_PREPARED_TFDS_DATASETS
 
 The argument is a dataset: cifar10, cifar100, tf_flowers, imagenette, stl10, food101,
-oxford_iiit_pet, caltech101, dtd, or `smoke` (synthetic_shapes with the tiny smoke model). As in
-the paper's transfer experiments (appendix B.8): eval-crop features of the frozen encoder,
-standardised, an L2-regularised multinomial logistic regression fit with L-BFGS, the strength from
-45 log-spaced values in [1e-6, 1e5] chosen on a held-out 20% of train, then refit on all of train;
-top-1, top-5 and mean per-class accuracy on the test split (mean per-class is the paper's metric
-for pets, flowers, caltech), plus k-NN, predictions.png and confusion_matrix.png.
+oxford_iiit_pet, caltech101, dtd, imagenet2012 (the paper's ImageNet linear evaluation is the
+SGD protocol: add --config.probe_protocol=sgd), or `smoke` (synthetic_shapes with the tiny smoke
+model). As in the paper's transfer experiments (appendix B.8): eval-crop features of the frozen
+encoder, standardised, an L2-regularised multinomial logistic regression fit with L-BFGS, the
+strength from 45 log-spaced values in [1e-6, 1e5] chosen on a held-out 20% of train, then refit
+on all of train; top-1, top-5 and mean per-class accuracy on the test split (mean per-class is
+the paper's metric for pets, flowers, caltech), plus k-NN, predictions.png and
+confusion_matrix.png.
 
 The default encoder is the paper's ImageNet ResNet-50 (1x) at 224 px, e.g. an official checkpoint
 converted with `python -m simclr_jax.tools.convert_tf1_checkpoint`. For another export set the
@@ -35,6 +37,7 @@ DATASETS = {
     "oxford_iiit_pet": ("train", "test", True),
     "caltech101": ("train", "test", True),
     "dtd": ("train+validation", "test", True),
+    "imagenet2012": ("train", "validation", True),
 }
 
 

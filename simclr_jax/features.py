@@ -1,4 +1,4 @@
-"""Encoders loaded from exports, classifiers built on them, and features extracted in inference mode.
+"""Encoders loaded from exports, classifiers built on them, features extracted in inference mode.
 
 Shared by the linear probe, fine-tuning, k-NN and the prediction-grid tool. The representation is
 `h` (the pooled ResNet output, `projection_layer=0`) or the output of projection-head layer i

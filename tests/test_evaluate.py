@@ -64,14 +64,14 @@ def data_dir(tmp_path_factory) -> str:
 def pretrained_export(data_dir, tmp_path_factory) -> str:
   """The trainer on the smoke model for PRETRAIN_STEPS steps on one device; its export.
 
-  The optimisation is pinned here (LARS at 1.0 * B / 256 = 0.125, T=0.5, batch 32: the CIFAR
-  recipe's linear rule), so the margins below do not move when the smoke recipe changes.
+  The optimisation is pinned here (LARS, base rate 1.0 with the square-root rule, T=0.5, batch
+  32), so the margins below do not move when the smoke recipe changes.
   """
   config = set_fields(smoke_pretrain.get_config(), data_dir=data_dir, knn_every_steps=0,
                       num_train_steps=PRETRAIN_STEPS, checkpoint_every_steps=PRETRAIN_STEPS,
                       log_every_steps=50, global_batch_size=32, temperature=0.5,
                       optimizer__name="lars", optimizer__base_learning_rate=1.0,
-                      optimizer__lr_scaling="linear", optimizer__warmup_epochs=0.0,
+                      optimizer__lr_scaling="sqrt", optimizer__warmup_epochs=0.0,
                       optimizer__weight_decay=5e-5)
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   train.pretrain(config, workdir, mesh=one_device_mesh())
@@ -162,9 +162,9 @@ def test_finetuning_beats_the_probe_with_the_same_recipe(data_dir, pretrained_ex
                                                          probe_results, tmp_path):
   """Same labels, steps, batch, LR schedule and crop + flip; only the encoder's freedom differs."""
   recipe = dict(num_train_steps=FINETUNE_STEPS, global_batch_size=32, eval_every_steps=0,
-                optimizer__base_learning_rate=0.25, knn_k=0)
+                optimizer__base_learning_rate=0.25)
   probe = evaluate.linear_probe(
-      probe_config(data_dir, pretrained_export, probe_protocol="sgd", **recipe),
+      probe_config(data_dir, pretrained_export, probe_protocol="sgd", knn_k=0, **recipe),
       str(tmp_path / "probe"), mesh=one_device_mesh())
   tuned = evaluate.finetune(
       finetune_config(data_dir, pretrained_export, label_fraction=1.0, **recipe),
@@ -185,7 +185,7 @@ def test_sgd_probe_gives_the_same_accuracy_on_1_and_8_devices(data_dir, pretrain
     config = probe_config(data_dir, pretrained_export, probe_protocol="sgd", num_train_steps=20,
                           global_batch_size=64, knn_k=0, eval_every_steps=6,
                           train_split="train[:512]", eval_split="test[:256]",
-                          optimizer__base_learning_rate=0.25)
+                          optimizer__base_learning_rate=0.02)
     results.append(evaluate.linear_probe(config, workdir, mesh=mesh))
     heads.append(export.load_encoder(os.path.join(workdir, train.EXPORT_DIR))
                  .params["supervised_head"]["dense"]["kernel"])

@@ -1,4 +1,4 @@
-"""Safetensors export: torchvision names and layouts always; the PyTorch round trip when torch exists.
+"""Safetensors export: torchvision names and layouts always; a PyTorch round trip if torch exists.
 
 The numeric check builds a plain PyTorch ResNet (written below, torchvision's layout) from
 model.json alone, loads the tensors with strict=True and compares its h with the JAX encoder's.
@@ -88,13 +88,15 @@ def test_names_and_layouts_follow_torchvision(depth, layers, bottleneck, downsam
   np.testing.assert_array_equal(tensors["conv1.weight"],
                                 np.transpose(encoder["stem_conv"]["kernel"], (3, 2, 0, 1)))
   assert tensors["conv1.weight"].shape == (encoder["stem_conv"]["kernel"].shape[3], 3, 7, 7)
+  shortcut_stats = variables["batch_stats"]["encoder"]["block2_0"]["shortcut_bn"]
   np.testing.assert_array_equal(tensors["layer2.0.downsample.1.running_var"],
-                                variables["batch_stats"]["encoder"]["block2_0"]["shortcut_bn"]["var"])
+                                shortcut_stats["var"])
   np.testing.assert_array_equal(tensors["layer1.1.bn1.weight"],
                                 encoder["block1_1"]["bn1"]["scale"])
   assert tensors["bn1.num_batches_tracked"].dtype == np.int64
   head = variables["params"]["projection_head"]
-  np.testing.assert_array_equal(tensors["projection_head.dense_1.weight"], head["dense_1"]["kernel"].T)
+  np.testing.assert_array_equal(tensors["projection_head.dense_1.weight"],
+                                head["dense_1"]["kernel"].T)
   # The last head BN has no beta in Flax; it is exported as zeros for a standard BatchNorm1d.
   np.testing.assert_array_equal(tensors["projection_head.bn_1.bias"], np.zeros(16, np.float32))
 
@@ -229,7 +231,8 @@ def test_pytorch_resnet_reproduces_h(tmp_path, fields, image_size):
 
   images = np.random.default_rng(1).uniform(size=(2, image_size, image_size, 3)).astype(np.float32)
   encoder = models.ResNet(config["depth"], width_multiplier=config["width_multiplier"],
-                          cifar_stem=config["cifar_stem"], tf_same_padding=config["tf_same_padding"])
+                          cifar_stem=config["cifar_stem"],
+                          tf_same_padding=config["tf_same_padding"])
   expected = encoder.apply({"params": variables["params"]["encoder"],
                             "batch_stats": variables["batch_stats"]["encoder"]},
                            images, train=False)["h"]

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from simclr_jax import export
+from simclr_jax import features
 from simclr_jax import input_pipeline
 from simclr_jax import knn
 from simclr_jax import optim
@@ -75,8 +76,6 @@ def validate_common(config: ml_collections.ConfigDict, *, mode: str, num_devices
     require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
   require(config.eval_every_steps >= 0,
           f"eval_every_steps={config.eval_every_steps} must be >= 0 (0 = only at the end)")
-  require(config.knn_k >= 0, f"knn_k={config.knn_k} must be >= 0 (0 = no k-NN)")
-  require(config.knn_temperature > 0, f"knn_temperature={config.knn_temperature} must be > 0")
   require(config.host_crop_views in (0, 1),
           f"host_crop_views={config.host_crop_views}; allowed: 0 (the device crops; fixed-size "
           "images) or 1 (the host crops; needed when image sizes vary, e.g. tf_flowers)")
@@ -137,11 +136,22 @@ def classifier_metadata(config: ml_collections.ConfigDict, info: input_pipeline.
 def assert_unchanged(before: Mapping[str, Any], after: Mapping[str, Any], what: str) -> None:
   """Raises RuntimeError naming the first array of `after` that differs from `before`."""
   after = sharding.to_host(after)
+  if jax.tree.structure(before) != jax.tree.structure(after):
+    raise RuntimeError(f"{what} changed structure: {jax.tree.structure(before)} became "
+                       f"{jax.tree.structure(after)}")
   flat_before = dict(jax.tree_util.tree_leaves_with_path(before))
   for path, value in jax.tree_util.tree_leaves_with_path(after):
     if not np.array_equal(np.asarray(flat_before[path]), np.asarray(value)):
       raise RuntimeError(f"{what} changed at {jax.tree_util.keystr(path)}: the encoder was "
                          "meant to be frozen (a bug in the evaluation step)")
+
+
+def augment_images(augment_view, images: jax.Array, indices: jax.Array, base_key: jax.Array,
+                   step: jax.Array) -> jax.Array:
+  """One view per image, keyed by (step, global index) as in pretraining: device-count free."""
+  step_key = jax.random.fold_in(base_key, step)
+  keys = jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
+  return jax.vmap(augment_view)(keys, features.images_to_float(images))
 
 
 def training_images(batch: Mapping[str, jax.Array]) -> jax.Array:

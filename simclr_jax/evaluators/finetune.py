@@ -39,18 +39,10 @@ from simclr_jax import optim
 from simclr_jax import sharding
 from simclr_jax import train
 from simclr_jax.evaluators import common
-from simclr_jax.evaluators import linear_probe
 
 DATA_AXIS = sharding.DATA_AXIS
 LABEL_SUBSET_FILE = "label_subset.json"
 _BLOCK_GROUP = re.compile(r"^block([1-4])_\d+$")
-
-
-def _key_name(key) -> Any:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return getattr(key, attribute)
-  return key
 
 
 def encoder_stage(layer_name: str) -> int:
@@ -67,7 +59,7 @@ def trainable_mask(params: Mapping[str, Any], *, fine_tune_after_block: int,
   representation (they do not reach the logits).
   """
   def trainable(path, _):
-    names = [_key_name(key) for key in path]
+    names = [key.key for key in path]  # params are nested dicts
     if names[0] == "encoder":
       return encoder_stage(names[1]) > fine_tune_after_block
     if names[0] == "projection_head":
@@ -114,8 +106,7 @@ def choose_label_subset(config: ml_collections.ConfigDict, train_size: int
   record = {"label_fraction": float(config.label_fraction),
             "labels_per_class": int(config.labels_per_class), "label_subset_seed": config.seed}
   if config.label_fraction >= 1 and config.labels_per_class == 0:
-    record.update(num_labeled_examples=train_size,
-                  label_subset_hash="all")
+    record.update(num_labeled_examples=train_size, label_subset_hash="all")
     return None, record
   subset = np.asarray(input_pipeline.label_subset(
       config.dataset, data_dir=train.data_dir(config), split=config.train_split,
@@ -137,7 +128,7 @@ def make_finetune_step(classifier: features.Classifier, optimizer: optax.Gradien
   replicated parameters' gradient comes out summed over devices: no further pmean.
   """
   def augment_shard(images, indices, base_key, step):
-    return linear_probe.augment_images(augment_view, images, indices, base_key, step)
+    return common.augment_images(augment_view, images, indices, base_key, step)
 
   def learn_on_shard(state: train.TrainState, images, labels):
     def loss_fn(params):
@@ -149,7 +140,8 @@ def make_finetune_step(classifier: features.Classifier, optimizer: optax.Gradien
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, {"loss": metrics["loss"], "train_top1": metrics["top1"],
                        "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32)}

@@ -42,6 +42,9 @@ PROBE_PROTOCOLS = ("sgd", "lbfgs")
 
 def validate_probe_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   common.validate_common(config, mode="linear_probe", num_devices=num_devices)
+  common.require(config.knn_k >= 0, f"knn_k={config.knn_k} must be >= 0 (0 = no k-NN)")
+  common.require(config.knn_temperature > 0,
+                 f"knn_temperature={config.knn_temperature} must be > 0")
   common.require(config.probe_protocol in PROBE_PROTOCOLS,
                  f"probe_protocol={config.probe_protocol!r}; allowed: {', '.join(PROBE_PROTOCOLS)}"
                  " ('sgd': the paper's augmented SGD probe, 'lbfgs': the transfer protocol)")
@@ -64,14 +67,6 @@ def validate_probe_config(config: ml_collections.ConfigDict, *, num_devices: int
                    f"lbfgs.max_iterations={lbfgs.max_iterations} must be >= 1")
 
 
-def augment_images(augment_view, images: jax.Array, indices: jax.Array, base_key: jax.Array,
-                   step: jax.Array) -> jax.Array:
-  """One view per image, keyed by (step, global index) as in pretraining: device-count free."""
-  step_key = jax.random.fold_in(base_key, step)
-  keys = jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
-  return jax.vmap(augment_view)(keys, features.images_to_float(images))
-
-
 def make_probe_step(classifier: features.Classifier, head: models.LinearHead,
                     optimizer: optax.GradientTransformation, augment_view,
                     learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh):
@@ -81,8 +76,8 @@ def make_probe_step(classifier: features.Classifier, head: models.LinearHead,
   (inference-mode BN), so no collective is needed and the result does not depend on the mesh.
   """
   def step(state: train.TrainState, frozen: Mapping[str, Any], batch):
-    images = augment_images(augment_view, common.training_images(batch), batch["index"],
-                            state.rng, state.step)
+    images = common.augment_images(augment_view, common.training_images(batch),
+                                   batch["index"], state.rng, state.step)
     representation = jax.lax.stop_gradient(
         classifier.apply(frozen, images, train=False, method=features.Classifier.represent))
 

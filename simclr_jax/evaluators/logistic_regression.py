@@ -129,6 +129,7 @@ def fit_transfer_probe(features: np.ndarray, labels: np.ndarray, *, num_classes:
   kernel = np.asarray(weights["kernel"]) / standardize.std[:, None]
   bias = np.asarray(weights["bias"]) - standardize.mean @ kernel
   return TransferProbe(kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
-                       l2=float(l2_grid[best]), validation_accuracy=float(validation_accuracies[best]),
+                       l2=float(l2_grid[best]),
+                       validation_accuracy=float(validation_accuracies[best]),
                        validation_accuracies=validation_accuracies, l2_grid=l2_grid,
                        iterations=int(iterations))
