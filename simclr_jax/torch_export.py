@@ -143,6 +143,8 @@ def architecture(model_config: Mapping[str, Any], params: Mapping[str, Any]) -> 
       "representation_dim": int(np.shape(encoder[groups[3][-1]]["bn3" if bottleneck else "bn2"]
                                          ["scale"])[0]),
       "input": "NCHW float32 RGB in [0, 1], no mean/std normalisation",
+      "layout": "torchvision ResNet names (conv1, bn1, layer{g}.{b}.*, downsample.{0,1}, fc); conv "
+                "weights OIHW, linear weights [out, in]; see simclr_jax/torch_export.py",
       "projection_head": None,
       "num_classes": None,
       "model_config": dict(model_config),

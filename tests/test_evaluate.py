@@ -147,6 +147,16 @@ def test_probe_writes_results_pictures_and_a_classifier_export(probe_results, pr
   assert probed.metadata["class_names"][0] == "circle"
 
 
+def test_rerunning_a_finished_probe_returns_its_results_or_refuses_another_config(
+    probe_results, data_dir, pretrained_export):
+  workdir = probe_results["pretrained_workdir"]
+  config = probe_config(data_dir, pretrained_export, probe_protocol="lbfgs")
+  assert evaluate.linear_probe(config, workdir) == probe_results["pretrained"]
+  config.knn_k = 5
+  with pytest.raises(ValueError, match="another config"):
+    evaluate.linear_probe(config, workdir)
+
+
 def test_prediction_tool_reproduces_the_probe_accuracy(probe_results, data_dir, tmp_path):
   out = str(tmp_path / "grid.png")
   result = predict.predict(probe_results["pretrained_workdir"], DATASET, data_dir=data_dir,

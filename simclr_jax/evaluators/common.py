@@ -6,6 +6,7 @@ predictions.png, confusion_matrix.png, and export/ — the encoder plus its trai
 `supervised_head`, an encoder export that `simclr_jax.tools.predict`, a later probe or the
 safetensors export can read.
 """
+import json
 import os
 import shutil
 from typing import Any, Mapping
@@ -59,6 +60,33 @@ def dataset_info(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   sizes = {split: split_size(config, split, mesh)
            for split in (config.train_split, config.eval_split)}
   return info, sizes
+
+
+def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """The results of a finished run of this same config in `workdir`, or None.
+
+  A workdir that finished a different config is an error, so a rerun never returns stale numbers.
+  """
+  results_path = os.path.join(workdir, train.RESULTS_FILE)
+  config_path = os.path.join(workdir, train.CONFIG_FILE)
+  if not (os.path.exists(results_path) and os.path.exists(config_path)):
+    return None
+  with open(config_path) as f:
+    finished_config = f.read()
+  if finished_config != config.to_json_best_effort(indent=2, sort_keys=True):
+    raise ValueError(f"{workdir} holds a finished {config.mode} run of another config (see its "
+                     f"{train.CONFIG_FILE}); use a new --workdir")
+  logging.info("%s already holds this finished %s run; returning its results", workdir,
+               config.mode)
+  with open(results_path) as f:
+    return json.load(f)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, train.CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def validate_common(config: ml_collections.ConfigDict, *, mode: str, num_devices: int) -> None:

@@ -216,7 +216,6 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
       axis_name=DATA_AXIS, dtype=common.dtype(config))
   params, batch_stats, model_config = initial_variables(config, classifier)
 
-  results_path = os.path.join(workdir, train.RESULTS_FILE)
   subset, subset_record = choose_label_subset(config, split_sizes[config.train_split])
   num_examples = subset_record["num_labeled_examples"]
   total_steps = common.total_steps(config, num_examples)
@@ -252,14 +251,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
         raise ValueError(f"{workdir} holds a run with {key}={record.get(key)!r}, the config says "
                          f"{expected[key]!r}: use a new --workdir")
   start_step = int(sharding.to_host(state.step))
-  if start_step >= total_steps and os.path.exists(results_path):
+  finished = common.finished_results(workdir, config) if start_step >= total_steps else None
+  if finished is not None:
     checkpointer.close()
-    logging.info("%s already finished %d steps; returning its results", workdir, start_step)
-    with open(results_path) as f:
-      return json.load(f)
+    return finished
+  common.write_config(workdir, config)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, train.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     if subset is not None:
       with open(os.path.join(workdir, LABEL_SUBSET_FILE), "w") as f:
         json.dump({"split": config.train_split, "indices": sorted(int(i) for i in subset),

@@ -14,7 +14,6 @@ export holds, report top-1/top-5/mean per-class accuracy on the eval split and t
 top-1 of the same features, draw predictions.png and confusion_matrix.png, and export the encoder
 with its linear head (the standardisation folded in) to workdir/export.
 """
-import json
 import os
 from typing import Any, Mapping
 
@@ -215,15 +214,10 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str, *,
   encoder_export, frozen_host = features.load_encoder_variables(
       config.init_from, config.model, projection_layer=config.projection_layer,
       image_size=config.image_size)
-  results_path = os.path.join(workdir, train.RESULTS_FILE)
-  if os.path.exists(results_path) and os.path.isdir(os.path.join(workdir, train.EXPORT_DIR)):
-    logging.info("%s already holds a finished probe; returning its results", workdir)
-    with open(results_path) as f:
-      return json.load(f)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, train.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  finished = common.finished_results(workdir, config)
+  if finished is not None:
+    return finished
+  common.write_config(workdir, config)
 
   classifier = features.create_classifier(
       config.model, num_classes=info.num_classes, projection_layer=config.projection_layer,
