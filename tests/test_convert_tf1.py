@@ -7,9 +7,10 @@ reproduce.
 """
 import collections
 import functools
+import os
+import subprocess
+import sys
 
-from absl import flags
-from absl.testing import flagsaver
 import jax
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ from simclr_jax import convert_tf1
 from simclr_jax import export
 from simclr_jax import features
 from simclr_jax import models
-from simclr_jax.tools import convert_tf1_checkpoint
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
 EPSILON = 1e-5
 TOLERANCE = 1e-5  # max |ours - TF| relative to max |TF|; measured 2e-7..6e-7 (float32 rounding)
@@ -342,18 +343,18 @@ def test_mismatches_are_listed_and_nothing_is_written(tmp_path):
     convert_tf1.convert_checkpoint(str(tmp_path / "nowhere"), str(out))
 
 
-def test_command_line_converts_a_directory(tmp_path, capsys):
+def test_command_line_converts_a_directory(tmp_path):
   net = OfficialTF1Net(depth=50, width=0.125, sk_ratio=0.0625, head_layers=3, num_classes=0)
   official_checkpoint(tmp_path, net, image_size=32)
-  flags.FLAGS.unparse_flags()
-  with flagsaver.flagsaver():
-    flags.FLAGS(["convert_tf1_checkpoint", f"--checkpoint={tmp_path / 'ckpt'}",
-                 f"--out={tmp_path / 'export'}"])
-    convert_tf1_checkpoint.main([])
-  assert "'sk_ratio': 0.0625" in capsys.readouterr().out
+  # A subprocess, as users run it (the tool defines absl flags at import).
+  command = subprocess.run(
+      [sys.executable, "-m", "simclr_jax.tools.convert_tf1_checkpoint",
+       f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'export'}"],
+      capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+  assert command.returncode == 0, command.stderr
+  assert "'sk_ratio': 0.0625" in command.stdout
   loaded = export.load_encoder(str(tmp_path / "export"))
   assert set(loaded.params) == {"encoder", "projection_head"}
-
 
 
 @pytest.mark.parametrize("name,selective_kernels,head_layers", [

@@ -4,7 +4,8 @@
 --process_id=I` is launched exactly as on a cluster. With `data_shards=2` the global batches do
 not depend on the process count (two input streams either way), so 2 x 4 devices and 1 x 8
 devices see the same batches and must end with the same parameters; checkpoints written by
-either layout must resume on the other. All runs share a persistent compilation cache.
+either layout must resume on the other. All runs share a persistent compilation cache; the k-NN monitor (features gathered across
+processes) runs in the first two.
 """
 import json
 import os
@@ -73,7 +74,8 @@ def environments(tmp_path_factory):
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   devices = lambda n: dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-  return {1: devices(8), 2: devices(4)}
+  # Process 0 compiles and hands the executable to process 1 instead of both compiling.
+  return {1: devices(8), 2: dict(devices(4), JAX_SHARE_BINARY_BETWEEN_HOSTS="true")}
 
 
 def launch(command_for_process, num_processes, env):
@@ -94,12 +96,12 @@ def launch(command_for_process, num_processes, env):
   return outputs
 
 
-def train_run(workdir, data_dir, num_processes, environments):
+def train_run(workdir, data_dir, num_processes, environments, knn_every_steps=0):
   args = [sys.executable, "-m", "simclr_jax.main", "--config=configs/smoke_pretrain.py",
           f"--workdir={workdir}", f"--config.data_dir={data_dir}",
           f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=2",
           "--config.keep_checkpoints=3", "--config.log_every_steps=1",
-          "--config.knn_every_steps=2", "--config.knn_train_examples=128",
+          f"--config.knn_every_steps={knn_every_steps}", "--config.knn_train_examples=128",
           "--config.knn_eval_examples=64", "--config.data_shards=2"]
   if num_processes == 1:
     return launch(lambda i: args, 1, environments[1])
@@ -145,8 +147,8 @@ def assert_same_losses(workdir, reference):
 def runs(data_dir, environments, tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   two, one = str(root / "two_processes"), str(root / "one_process")
-  two_outputs = train_run(two, data_dir, 2, environments)
-  train_run(one, data_dir, 1, environments)
+  two_outputs = train_run(two, data_dir, 2, environments, knn_every_steps=2)
+  train_run(one, data_dir, 1, environments, knn_every_steps=2)
   return root, two, one, two_outputs
 
 
