@@ -71,16 +71,6 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.NamedSharding(mesh, jax.P(DATA_AXIS))
 
 
-def check_global_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
-  """The batch must split evenly over devices, and so over processes."""
-  num_devices = mesh.devices.size
-  if global_batch_size <= 0 or global_batch_size % num_devices:
-    raise ValueError(
-        f"global_batch_size={global_batch_size} must be a positive multiple of the number of "
-        f"devices ({num_devices} = {jax.process_count()} process(es) x "
-        f"{num_devices // jax.process_count()} device(s))")
-
-
 def to_host(tree: Any) -> Any:
   """Fully replicated or process-spanning arrays as NumPy on every process."""
   def fetch(x):

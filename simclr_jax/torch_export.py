@@ -38,6 +38,7 @@ import numpy as np
 import safetensors.numpy
 
 from simclr_jax import export
+from simclr_jax import features
 
 SAFETENSORS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "model.json"
@@ -164,8 +165,11 @@ def architecture(model_config: Mapping[str, Any], params: Mapping[str, Any]) -> 
 
 
 def export_safetensors(init_from: str, out_dir: str) -> tuple[str, str]:
-  """Converts the encoder export in `init_from` to `out_dir/model.safetensors` + `model.json`."""
-  encoder_export = export.load_encoder(init_from)
+  """Converts an encoder export to `out_dir/model.safetensors` + `model.json`.
+
+  `init_from` is the export or the workdir holding it in export/ (pretraining, probe, fine-tune).
+  """
+  encoder_export = export.load_encoder(features.resolve_export_dir(init_from))
   description = architecture(encoder_export.model_config, encoder_export.params)
   tensors = torch_state_dict(encoder_export.params, encoder_export.batch_stats)
   os.makedirs(out_dir, exist_ok=True)

@@ -10,7 +10,6 @@ devices and equal to the one-device gradient, so it is not reduced again.
 The loop restores the newest checkpoint, trains, logs, monitors with k-NN, checkpoints, stops
 cleanly on SIGTERM or a non-finite value, and at the end exports the encoder.
 """
-import contextlib
 import json
 import os
 import signal
@@ -139,6 +138,9 @@ def validate_pretrain_config(config: ml_collections.ConfigDict, *, num_devices: 
     logging.warning("image_size=%d without model.cifar_stem: the ImageNet stem downsamples a "
                     "32 px image 4x before the first block (SimCLR uses the CIFAR stem here)",
                     config.image_size)
+  if config.image_size <= 32 and "blur" in config.augment.ops:
+    logging.warning("Gaussian blur at image_size=%d: SimCLR drops blur for CIFAR-sized images, "
+                    "where it erases most of the content", config.image_size)
 
 
 def training_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -282,14 +284,18 @@ def collect_features(feature_fn: Callable, state: TrainState, batches: Iterable[
                      limit: int) -> tuple[np.ndarray, np.ndarray]:
   """(h, labels) of the first `limit` examples (0 = all) of an eval pass, on every process."""
   features, labels, count = [], [], 0
-  for batch in batches:
-    h = feature_fn(state.params, state.batch_stats, batch["image"])
-    h, label, mask = sharding.to_host((h, batch["label"], batch["mask"]))
-    features.append(h[mask])
-    labels.append(label[mask])
-    count += int(mask.sum())
-    if limit and count >= limit:
-      break
+  iterator = iter(batches)
+  try:
+    for batch in iterator:
+      h = feature_fn(state.params, state.batch_stats, batch["image"])
+      h, label, mask = sharding.to_host((h, batch["label"], batch["mask"]))
+      features.append(h[mask])
+      labels.append(label[mask])
+      count += int(mask.sum())
+      if limit and count >= limit:
+        break
+  finally:
+    iterator.close()  # stops its prefetch thread when the pass ends early
   features, labels = np.concatenate(features), np.concatenate(labels)
   return (features[:limit], labels[:limit]) if limit else (features, labels)
 
@@ -422,22 +428,54 @@ def write_results(workdir: str, results: Mapping[str, Any]) -> None:
       json.dump(dict(results), f, indent=2, sort_keys=True)
 
 
-def export_encoder(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
-                   num_classes: int) -> str:
+# What an encoder export keeps of the model: the probe's head is specific to the pretraining data.
+EXPORTED_PARTS = ("encoder", "projection_head")
+
+
+def _save_export(directory: str, config: Mapping[str, Any], params: Mapping[str, Any],
+                 batch_stats: Mapping[str, Any], step: int) -> str:
+  return export.save_encoder(
+      directory, model_config=dict(config["model"]),
+      params={part: params[part] for part in EXPORTED_PARTS},
+      batch_stats={part: batch_stats[part] for part in EXPORTED_PARTS},
+      metadata={"dataset": config["dataset"], "image_size": config["image_size"], "step": step,
+                "source": "simclr_jax.train.pretrain"})
+
+
+def export_encoder(workdir: str, config: ml_collections.ConfigDict, state: TrainState) -> str:
   """Encoder + projection head (params and BN statistics) into workdir/export, for probing."""
   directory = os.path.join(workdir, EXPORT_DIR)
   if os.path.isdir(os.path.join(directory, export.VARIABLES_DIR)):
     logging.info("%s already holds this run's export", directory)
     return directory
-  parts = ("encoder", "projection_head")
-  params, batch_stats = sharding.to_host((state.params, state.batch_stats))
-  return export.save_encoder(
-      directory, model_config=config.model.to_dict(),
-      params={part: params[part] for part in parts},
-      batch_stats={part: batch_stats[part] for part in parts},
-      metadata={"dataset": config.dataset, "image_size": config.image_size,
-                "num_classes": num_classes, "step": int(sharding.to_host(state.step)),
-                "source": "simclr_jax.train.pretrain"})
+  params, batch_stats, step = sharding.to_host((state.params, state.batch_stats, state.step))
+  return _save_export(directory, config.to_dict(), params, batch_stats, int(step))
+
+
+def export_checkpoint(workdir: str, *, step: int | None = None,
+                      directory: str | None = None) -> str:
+  """Exports a checkpoint of a pretraining run (default: its newest), e.g. to probe mid-run.
+
+  Reads the run's config.json; writes `directory` (default workdir/export-<step>). Works on any
+  machine: the checkpoint is read as host arrays, whatever devices wrote it.
+  """
+  workdir = os.path.abspath(workdir)
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isfile(config_path) or not os.path.isdir(checkpoints):
+    raise FileNotFoundError(f"{workdir} is not a pretraining workdir: expected {CONFIG_FILE} and "
+                            f"{CHECKPOINT_DIR}/")
+  steps = sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+  if step is None and not steps:
+    raise FileNotFoundError(f"{checkpoints} holds no checkpoint yet")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"{checkpoints} has no checkpoint at step {step}; it has {steps}")
+  with open(config_path) as f:
+    config = json.load(f)
+  state = checkpointing.read_state_as_numpy(checkpoints, step)
+  return _save_export(directory or os.path.join(workdir, f"{EXPORT_DIR}-{step}"), config,
+                      state["params"], state["batch_stats"], step)
 
 
 def _run_record(config: ml_collections.ConfigDict, step: int, total_steps: int) -> dict:
@@ -593,7 +631,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
   results = {"mode": "pretrain", "dataset": config.dataset, **summary,
              "start_step": start_step, "global_batch_size": config.global_batch_size,
              "num_devices": int(mesh.devices.size), "num_processes": jax.process_count()}
-  export_encoder(workdir, config, state, info.num_classes)
+  export_encoder(workdir, config, state)
   if jax.process_index() == 0:
     curves.plot_training_curves(os.path.join(workdir, METRICS_FILE),
                                 os.path.join(workdir, LOSS_CURVE_FILE),
@@ -614,8 +652,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
       host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step, mesh=mesh,
       data_shards=data_shards(config))
   writer = create_metric_writer(workdir)
-  report_progress = periodic_actions.ReportProgress(
+  # Steps/s and ETA on the console (process 0 only, like every other log).
+  report_progress = (periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps)
+                     if jax.process_index() == 0 else lambda step: None)
   log = TrainLog(writer, config.global_batch_size)
   last_saved = checkpointer.latest_step()
   try:

@@ -189,6 +189,22 @@ def test_pretrain_writes_metrics_checkpoints_export_and_results(finished_run):
   assert train.pretrain(config, workdir) == results
 
 
+def test_any_checkpoint_can_be_exported_for_probing(finished_run):
+  _, workdir, _ = finished_run
+  directory = train.export_checkpoint(workdir, step=2)
+  assert directory == os.path.join(workdir, "export-2")
+  exported = export.load_encoder(directory)
+  checkpointed = state_at(workdir, 2)
+  for part in ("encoder", "projection_head"):
+    jax.tree.map(np.testing.assert_array_equal, exported.params[part],
+                 checkpointed["params"][part])
+    jax.tree.map(np.testing.assert_array_equal, exported.batch_stats[part],
+                 checkpointed["batch_stats"][part])
+  assert exported.metadata["step"] == 2 and exported.model_config.depth == 18
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3; it has \[2, 4\]"):
+    train.export_checkpoint(workdir, step=3)
+
+
 def fake_state(model, optimizer, *, seed, image_size, mesh):
   """A tiny state for tests of the loop's control flow (no ResNet to initialise)."""
   del model, optimizer, image_size

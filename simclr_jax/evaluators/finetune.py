@@ -291,7 +291,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start_step + 1, total_steps + 1):
       state, metrics = finetune_step(state, next(batches))
       pending.append(metrics)
-      if step % config.log_every_steps == 0 or step == total_steps:
+      saving = step % config.checkpoint_every_steps == 0 or step == total_steps
+      if saving or step % config.log_every_steps == 0:  # never save an unchecked state
         fetched = sharding.to_host(pending)
         pending.clear()
         last_metrics = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
@@ -304,7 +305,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
         evaluated = evaluate()
         writer.write_scalars(step, {"test_top1": float(np.mean(
             evaluated["outputs"].argmax(axis=1) == evaluated["labels"]))})
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      if saving:
         checkpointer.save(step, state, _run_record(config, step, subset_record))
     checkpointer.wait_until_finished()
 

@@ -160,7 +160,8 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
     for step in range(start_step + 1, total_steps + 1):
       state, metrics = probe_step(state, frozen, next(batches))
       pending.append(metrics)
-      if step % config.log_every_steps == 0 or step == total_steps:
+      saving = step % config.checkpoint_every_steps == 0 or step == total_steps
+      if saving or step % config.log_every_steps == 0:  # never save an unchecked state
         fetched = sharding.to_host(pending)
         pending.clear()
         last_metrics = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
@@ -170,7 +171,7 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(step, last_metrics)
       if config.eval_every_steps and step % config.eval_every_steps == 0:
         writer.write_scalars(step, {"test_top1": test_top1(state.params)})
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      if saving:
         checkpointer.save(step, state, _run_record(config, step))
   finally:
     batches.close()  # stop the prefetch thread before the interpreter exits

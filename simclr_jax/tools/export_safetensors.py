@@ -1,6 +1,6 @@
 r"""Writes an encoder export as PyTorch-loadable safetensors plus an architecture JSON.
 
-  python -m simclr_jax.tools.export_safetensors --init_from=WORKDIR/export --out=DIR
+  python -m simclr_jax.tools.export_safetensors --init_from=WORKDIR --out=DIR
 
 Then, in PyTorch: `safetensors.torch.load_file('DIR/model.safetensors')` into a ResNet built from
 `DIR/model.json` (torchvision names; see simclr_jax/torch_export.py for the mapping).
@@ -11,7 +11,7 @@ from absl import flags
 from simclr_jax import torch_export
 
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Encoder export directory (model.json + "
-                                 "variables/), e.g. a pretraining workdir's export/.")
+                                 "variables/) or a run's workdir holding one in export/.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for model.safetensors and model.json.")
 flags.mark_flags_as_required(["init_from", "out"])
 
