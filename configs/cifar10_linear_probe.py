@@ -18,46 +18,25 @@ Both protocols also report the weighted k-NN top-1 (k=200, T=0.1) of the same fe
 import ml_collections
 
 from configs import common
-from simclr_jax import augment
 
 PROBE_PROTOCOLS = ("sgd", "lbfgs")
 
 
 def probe_config(protocol: str = "sgd") -> ml_collections.ConfigDict:
-  """Every field `simclr_jax.evaluate.linear_probe` reads, set to the paper's linear evaluation."""
+  """Every field `simclr_jax.evaluate.linear_probe` reads, set to the paper's linear evaluation.
+
+  The training fields (augment, optimizer, schedule, max_train_minutes) are read by the 'sgd'
+  protocol only; 'lbfgs' reads `lbfgs`.
+  """
   if protocol not in PROBE_PROTOCOLS:
     raise ValueError(f"unknown probe protocol {protocol!r}; allowed: {PROBE_PROTOCOLS}")
-  config = ml_collections.ConfigDict()
-  config.mode = "linear_probe"
-  config.seed = 0
-  config.dataset = "cifar10"
-  config.data_dir = ""
-  config.train_split = "train"
-  config.eval_split = "test"
-  config.image_size = 32
-  config.host_crop_views = 0         # 1: the host crops (datasets whose image sizes vary)
-  config.model = common.model_config(18, 1.0, cifar_stem=True)
-  config.dtype = "float32"
-  config.init_from = ""              # the encoder export to probe (a pretraining workdir's export/)
-  config.projection_layer = 0        # 0: h; i > 0: output of projection-head layer i (v2 style)
+  config = common.evaluation_config(
+      "linear_probe", base_learning_rate=0.1, global_batch_size=512, num_epochs=100.0,
+      log_every_steps=100, eval_every_steps=1000)
   config.probe_protocol = protocol   # 'sgd': augmented SGD probe; 'lbfgs': transfer protocol
-  config.zero_init_head = True       # the official --zero_init_logits_layer
-  # 'sgd' protocol.
-  config.augment = augment.get_preset("crop_flip")
-  config.global_batch_size = 512
-  config.num_epochs = 100.0
-  config.num_train_steps = 0         # > 0 overrides num_epochs
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", base_learning_rate=0.1, lr_scaling="linear", warmup_epochs=0.0,
-      weight_decay=0.0, momentum=0.9, nesterov=True))
-  # 'lbfgs' protocol.
   config.lbfgs = ml_collections.ConfigDict(dict(
       validation_fraction=0.2, l2_min=1e-6, l2_max=1e5, l2_num=45, max_iterations=1000,
       tolerance=1e-5))
-  config.log_every_steps = 100
-  config.eval_every_steps = 1000     # test top-1 of the head during the sgd probe (0 = never)
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 2
   config.knn_k = 200                 # 0 = no k-NN
   config.knn_temperature = 0.1
   return config
@@ -70,14 +49,8 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same code paths on synthetic_shapes with common.shrink_to_smoke's tiny model."""
-  config.dataset = common.SMOKE_DATASET
-  config.model.width_multiplier = 0.125
-  config.global_batch_size = 64
-  config.num_train_steps = 100
-  config.log_every_steps = 20
-  config.eval_every_steps = 50
-  config.checkpoint_every_steps = 50
+  """The same code paths on synthetic_shapes with the tiny smoke model."""
+  config = common.shrink_evaluation_to_smoke(config, num_train_steps=100)
   config.knn_k = 20
   config.lbfgs.l2_num = 12
   return config

@@ -46,7 +46,13 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.temperature = 0.5
   config.optimizer = ml_collections.ConfigDict(dict(
       name="lars", base_learning_rate=0.3, lr_scaling="linear", warmup_epochs=10.0,
-      weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001))
+      weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001,
+      # Peak rate of the online probe's momentum SGD (same warmup + cosine shape, not scaled by
+      # the batch). The official code uses the pretraining rate, where the probe diverges.
+      probe_learning_rate=0.1))
+  # Wall-clock budget of one invocation (0 = none): training stops after the step that reaches
+  # it, checkpoints, exports and evaluates as at the end; rerunning the workdir continues.
+  config.max_train_minutes = 0.0
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
@@ -90,3 +96,56 @@ def select_variant(variant: str | None, variants: Mapping[str, Callable[[], obje
   if name not in variants:
     raise ValueError(f"unknown config variant {name!r}; allowed: {', '.join(sorted(variants))}")
   return variants[name]()
+
+
+def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size: int,
+                      num_epochs: float, log_every_steps: int,
+                      eval_every_steps: int) -> ml_collections.ConfigDict:
+  """The fields the linear probe and fine-tuning share, at the paper's CIFAR-10 settings.
+
+  An encoder of cifar10_pretrain.py's ResNet-18 (CIFAR stem, 32 px) trained with SGD + Nesterov
+  momentum, LR base_learning_rate * B / 256, no warmup, no weight decay, cosine decay, on crop +
+  flip views; a checkpoint at each evaluation.
+  """
+  config = ml_collections.ConfigDict()
+  config.mode = mode
+  config.seed = 0
+  config.dataset = "cifar10"
+  config.data_dir = ""
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.image_size = 32
+  config.host_crop_views = 0         # 1: the host crops (datasets whose image sizes vary)
+  config.model = model_config(18, 1.0, cifar_stem=True)  # must describe init_from's export
+  config.dtype = "float32"
+  config.init_from = ""              # the encoder export to start from (a workdir's export/)
+  config.projection_layer = 0        # 0: head on h; i > 0: on projection-head layer i (v2)
+  config.zero_init_head = True       # the official --zero_init_logits_layer
+  config.augment = augment.get_preset("crop_flip")
+  config.global_batch_size = global_batch_size
+  config.num_epochs = num_epochs     # passes over the (labelled) train examples
+  config.num_train_steps = 0         # > 0 overrides num_epochs
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", base_learning_rate=base_learning_rate, lr_scaling="linear", warmup_epochs=0.0,
+      weight_decay=0.0, momentum=0.9, nesterov=True))
+  # Wall-clock budget of one invocation (0 = none), as in pretraining: training stops after the
+  # step that reaches it, checkpoints, evaluates and exports; rerunning the workdir continues.
+  config.max_train_minutes = 0.0
+  config.log_every_steps = log_every_steps
+  config.eval_every_steps = eval_every_steps  # test top-1 during training (0 = only at the end)
+  config.checkpoint_every_steps = eval_every_steps
+  config.keep_checkpoints = 2
+  return config
+
+
+def shrink_evaluation_to_smoke(config: ml_collections.ConfigDict, *,
+                               num_train_steps: int) -> ml_collections.ConfigDict:
+  """An evaluation recipe's smoke form: smoke_pretrain's tiny encoder on generated data."""
+  config.dataset = SMOKE_DATASET
+  config.model.width_multiplier = 0.125
+  config.global_batch_size = 64
+  config.num_train_steps = num_train_steps
+  config.log_every_steps = 20
+  config.eval_every_steps = num_train_steps // 2
+  config.checkpoint_every_steps = num_train_steps // 2
+  return config

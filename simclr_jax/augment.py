@@ -67,10 +67,9 @@ Augmentation = Callable[..., jax.Array]
 # ---------------------------------------------------------------------------------------------
 # Colour ops, each equal to its tf.image counterpart (the tests check this to 1e-4).
 #
-# Saturation and hue are written on RGB planes instead of dm-pix's HSV round trip: saturation
-# becomes one division per pixel, and the random-order jitter can pick its op per image with
-# scalar selects (under vmap, `lax.switch` on a per-image index would run all four ops at each
-# of the four steps).
+# Saturation and hue are written on RGB planes instead of dm-pix's HSV round trip (one division
+# per pixel), and the random-order jitter picks its ops per image with scalar selects (under
+# vmap, `lax.switch` on a per-image index would run all four ops at each of the four steps).
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op codes of `apply_color_jitter`'s `order`
 
@@ -92,28 +91,13 @@ def to_grayscale(image: jax.Array) -> jax.Array:
   return jnp.broadcast_to(luma[..., None], image.shape)
 
 
-def _saturation_gain(red, green, blue, factor):
-  """(gain, value) such that `value + gain * (channel - value)` is tf.image.adjust_saturation.
+def _saturation_and_hue_planes(red, green, blue, saturation, hue):
+  """tf.image.adjust_saturation (S x factor, clipped) and adjust_hue (H + delta turns) on RGB
+  planes, same value. The two commute (both keep V and touch only S or H), so one pass does both.
 
-  With hue and value fixed, every channel is `value - saturation * value * const`, so scaling the
-  saturation by `factor` (clipped at 1, i.e. gain <= value / chroma) scales `channel - value`.
+  Every channel is `minimum + chroma * piece(hue sextant)`: saturation scales the chroma (at
+  most V), hue shifts the sextant.
   """
-  value = jnp.maximum(jnp.maximum(red, green), blue)
-  chroma = value - jnp.minimum(jnp.minimum(red, green), blue)
-  has_chroma = chroma > 0
-  gain = jnp.where(has_chroma, jnp.minimum(factor, value / jnp.where(has_chroma, chroma, 1.0)),
-                   1.0)
-  return gain, value
-
-
-def adjust_saturation(image: jax.Array, factor) -> jax.Array:
-  """tf.image.adjust_saturation: saturation x factor (clipped to [0, 1]), same hue and value."""
-  gain, value = _saturation_gain(image[..., 0], image[..., 1], image[..., 2], factor)
-  return value[..., None] + gain[..., None] * (image - value[..., None])
-
-
-def _hue_planes(red, green, blue, delta):
-  """tf.image.adjust_hue on RGB planes: hue + delta (in turns), same saturation and value."""
   value = jnp.maximum(jnp.maximum(red, green), blue)
   minimum = jnp.minimum(jnp.minimum(red, green), blue)
   chroma = value - minimum
@@ -121,39 +105,56 @@ def _hue_planes(red, green, blue, delta):
   sextant = jnp.where(value == green, (blue - red) * inverse_chroma + 2.0,
                       (red - green) * inverse_chroma + 4.0)
   sextant = jnp.where(value == red, (green - blue) * inverse_chroma, sextant)
-  sextant = sextant + 6.0 * delta
+  sextant = sextant + 6.0 * hue
   sextant -= 6.0 * jnp.floor(sextant / 6.0)  # wrap to [0, 6); jnp.mod is 3x slower on CPU
+  chroma = jnp.minimum(chroma * saturation, value)
+  minimum = value - chroma
   return (minimum + chroma * jnp.clip(jnp.abs(sextant - 3.0) - 1.0, 0.0, 1.0),
           minimum + chroma * jnp.clip(2.0 - jnp.abs(sextant - 2.0), 0.0, 1.0),
           minimum + chroma * jnp.clip(2.0 - jnp.abs(sextant - 4.0), 0.0, 1.0))
 
 
+def _on_planes(function, image, *args):
+  return jnp.stack(function(image[..., 0], image[..., 1], image[..., 2], *args), axis=-1)
+
+
+def adjust_saturation(image: jax.Array, factor) -> jax.Array:
+  """tf.image.adjust_saturation: saturation x factor (clipped to [0, 1]), same hue and value."""
+  return _on_planes(_saturation_and_hue_planes, image, factor, 0.0)
+
+
 def adjust_hue(image: jax.Array, delta) -> jax.Array:
   """tf.image.adjust_hue: rotates the hue by `delta` turns, in [-1, 1]."""
-  return jnp.stack(_hue_planes(image[..., 0], image[..., 1], image[..., 2], delta), axis=-1)
+  return _on_planes(_saturation_and_hue_planes, image, 1.0, delta)
 
 
-def _gain_shift_step(planes, code, *, brightness, contrast, saturation, brightness_impl):
-  """Brightness, contrast or saturation (by the traced `code`; HUE means none), then clip.
+def _brightness_contrast_planes(planes, codes, *, brightness, contrast, brightness_impl):
+  """Brightness and/or contrast in the order of the two `codes` (other codes do nothing),
+  clipping after each, as one pass over the planes.
 
-  All three are `gain * channel + shift`: brightness a scalar gain (v2) or shift (v1), contrast
-  gain c and shift (1 - c) * channel mean, saturation a per-pixel gain and shift.
+  Both are `gain * x + shift` with gain >= 0, and clip(a * clip(y, l, h) + b, 0, 1) ==
+  clip(a * y + b, clip(a * l + b, 0, 1), clip(a * h + b, 0, 1)), so the steps compose into one
+  `clip(gain * x + shift, low, high)` per channel. Only contrast reads the image: the channel
+  means of its input (after brightness if that comes first), one reduction per run because
+  reductions are what costs on CPU.
   """
-  saturation_gain, value = _saturation_gain(*planes, saturation)
   brightness_gain, brightness_shift = ((brightness, 0.0) if brightness_impl == "simclrv2"
                                        else (1.0, brightness))
-  is_saturation = code == SATURATION
-  gain = jnp.where(is_saturation, saturation_gain,
-                   jnp.select([code == BRIGHTNESS, code == CONTRAST], [brightness_gain, contrast],
-                              1.0))
-  saturation_shift = (1.0 - saturation_gain) * value
-  adjusted = []
-  for plane in planes:
-    shift = jnp.select([code == BRIGHTNESS, code == CONTRAST],
-                       [brightness_shift, (1.0 - contrast) * jnp.mean(plane)], 0.0)
-    shift = jnp.where(is_saturation, saturation_shift, shift)
-    adjusted.append(jnp.clip(gain * plane + shift, 0.0, 1.0))
-  return tuple(adjusted)
+  brightness_first = (codes[0] == BRIGHTNESS) & (codes[1] == CONTRAST)
+  pre_gain = jnp.where(brightness_first, brightness_gain, 1.0)
+  pre_shift = jnp.where(brightness_first, brightness_shift, 0.0)
+  means = [jnp.mean(jnp.clip(pre_gain * plane + pre_shift, 0.0, 1.0)) for plane in planes]
+  gain, shift, low, high = 1.0, jnp.zeros(3), jnp.zeros(3), jnp.ones(3)
+  for code in codes:
+    is_brightness, is_contrast = code == BRIGHTNESS, code == CONTRAST
+    step_gain = jnp.where(is_brightness, brightness_gain, jnp.where(is_contrast, contrast, 1.0))
+    step_shift = jnp.where(is_brightness, brightness_shift,
+                           jnp.where(is_contrast, (1.0 - contrast) * jnp.stack(means), 0.0))
+    gain, shift = step_gain * gain, step_gain * shift + step_shift
+    low = jnp.clip(step_gain * low + step_shift, 0.0, 1.0)
+    high = jnp.clip(step_gain * high + step_shift, 0.0, 1.0)
+  return tuple(jnp.clip(gain * plane + shift[c], low[c], high[c])
+               for c, plane in enumerate(planes))
 
 
 def apply_color_jitter(image: jax.Array, order: jax.Array, *, brightness, contrast, saturation,
@@ -161,27 +162,39 @@ def apply_color_jitter(image: jax.Array, order: jax.Array, *, brightness, contra
   """The four colour ops with given factors in `order` (a permutation of BRIGHTNESS, CONTRAST,
   SATURATION, HUE), clipping to [0, 1] after each, as the official `color_jitter_rand`.
 
-  `brightness` is a factor (simclrv2) or a delta (simclrv1). The order may be traced: the ops
-  before the hue run as three gain/shift steps, then the hue, then three more steps, the unused
-  steps doing nothing. The steps run in `lax.scan`s because XLA on CPU would otherwise fuse
-  them into each other, recomputing every earlier step for each output plane.
+  `brightness` is a factor (simclrv2) or a delta (simclrv1). The order may be traced (per image
+  under vmap) and no op is computed once per possible position: a run of brightness/contrast
+  steps is one pass (`_brightness_contrast_planes`), and saturation and hue one pass each,
+  merged into the first when they are neighbours. So the jitter is always two stages of (run,
+  saturation/hue) and a last run. The stages are a `lax.scan` because XLA on CPU would fuse
+  them into each other, recomputing every earlier stage for each output plane.
   """
   order = jnp.asarray(order)
-  hue_position = jnp.argmax(order == HUE)
-  slots = jnp.arange(3)
-  before_hue = jnp.where(slots < hue_position, order[:3], HUE)
-  after_position = hue_position + 1 + slots
-  after_hue = jnp.where(after_position < 4, order[jnp.minimum(after_position, 3)], HUE)
+  position = jnp.argsort(order)  # position[op] = its step
+  first = jnp.minimum(position[SATURATION], position[HUE])
+  second = jnp.maximum(position[SATURATION], position[HUE])
+  merged = second == first + 1
 
-  def step(planes, code):
-    return _gain_shift_step(planes, code, brightness=brightness, contrast=contrast,
-                            saturation=saturation, brightness_impl=brightness_impl), None
+  def run(start, stop):  # codes of the (at most two) steps in [start, stop), -1 for none
+    steps = start + jnp.arange(2)
+    return jnp.where(steps < stop, order[jnp.minimum(steps, 3)], -1)
 
-  planes = (image[..., 0], image[..., 1], image[..., 2])
-  planes, _ = jax.lax.scan(step, planes, before_hue)
-  planes = tuple(jnp.clip(plane, 0.0, 1.0) for plane in _hue_planes(*planes, hue))
-  planes, _ = jax.lax.scan(step, planes, after_hue)
-  return jnp.stack(planes, axis=-1)
+  def saturation_and_hue(step, active):  # factors of the saturation/hue pass at `step`
+    does = lambda op: active & ((order[step] == op) | merged)
+    return jnp.where(does(SATURATION), saturation, 1.0), jnp.where(does(HUE), hue, 0.0)
+
+  run_planes = functools.partial(_brightness_contrast_planes, brightness=brightness,
+                                 contrast=contrast, brightness_impl=brightness_impl)
+
+  def stage(planes, codes_and_factors):
+    codes, saturation_factor, hue_delta = codes_and_factors
+    return _saturation_and_hue_planes(*run_planes(planes, codes), saturation_factor,
+                                      hue_delta), None
+
+  stages = jax.tree.map(lambda *x: jnp.stack(x), (run(0, first), *saturation_and_hue(first, True)),
+                        (run(first + 1, second), *saturation_and_hue(second, ~merged)))
+  planes, _ = jax.lax.scan(stage, (image[..., 0], image[..., 1], image[..., 2]), stages)
+  return jnp.stack(run_planes(planes, run(second + 1, 4)), axis=-1)
 
 
 def color_jitter(key: jax.Array, image: jax.Array, *, strength: float,
@@ -286,18 +299,18 @@ def _resize_weights(start, length, input_size: int, output_size: int):
 def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
   """Bicubic resize of `image[top:top+h, left:left+w]` to size x size; the box may be traced.
 
-  Two plain matmuls with per-image weight matrices (what jax.image.scale_and_translate does, but
-  laid out so the batched matmuls under vmap stay canonical, ~2.5x faster on CPU).
+  `rows @ plane @ cols.T` per channel plane with per-image weight matrices (what
+  jax.image.scale_and_translate does): under vmap on CPU these batched matmuls beat both
+  scale_and_translate and a 4-tap gather-and-weight resize, whose batched gathers XLA CPU runs
+  several times slower than the dense matmuls even at 224 px.
   """
-  height, width, channels = image.shape
+  height, width, _ = image.shape
   box = box.astype(jnp.float32)
   rows = _resize_weights(box[0], box[2], height, size)
   cols = _resize_weights(box[1], box[3], width, size)
   matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no bf16 on TPU
-  resized = matmul(rows, image.reshape(height, width * channels)).reshape(size, width, channels)
-  resized = jnp.transpose(resized, (1, 0, 2)).reshape(width, size * channels)
-  resized = matmul(cols, resized).reshape(size, size, channels)
-  return jnp.transpose(resized, (1, 0, 2))
+  planes = matmul(matmul(rows, jnp.transpose(image, (2, 0, 1))), cols.T)
+  return jnp.transpose(planes, (1, 2, 0))
 
 
 def resize(image: jax.Array, size: int) -> jax.Array:
@@ -312,8 +325,8 @@ def rotate90(key: jax.Array, image: jax.Array) -> jax.Array:
   if image.shape[0] != image.shape[1]:
     raise ValueError(f"rotate90 needs a square image, got {image.shape[:2]}: put it after a crop")
   turns = jax.random.randint(key, (), 0, 3)
-  return jax.lax.switch(turns, [lambda x, k=k: jnp.rot90(x, k, axes=(0, 1)) for k in (1, 2, 3)],
-                        image)
+  rotations = [jnp.rot90(image, k, axes=(0, 1)) for k in (1, 2, 3)]
+  return jnp.select([turns == 0, turns == 1], rotations[:2], rotations[2])  # no per-image switch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,8 +613,8 @@ def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = Tr
         image = jnp.clip(crop_and_resize(image, box, image_size), 0.0, 1.0)  # bicubic overshoot
       elif p >= 1.0:
         image = function(k_op, image)
-      elif p > 0.0:
-        image = jax.lax.cond(apply, lambda x: function(k_op, x), lambda x: x, image)
+      elif p > 0.0:  # a select: under vmap a cond would run both branches anyway
+        image = jnp.where(apply, function(k_op, image), image)
     return jnp.clip(image, 0.0, 1.0)
 
   return augment

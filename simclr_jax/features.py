@@ -8,7 +8,6 @@ batches are split over the mesh axis `data`, variables replicated.
 import os
 from typing import Any, Callable, Iterable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,23 +23,14 @@ ARCHITECTURE_FIELDS = ("depth", "width_multiplier", "cifar_stem", "sk_ratio", "t
 SUPERVISED_HEAD = "supervised_head"
 
 
-class Classifier(nn.Module):
+class Classifier(models.SimCLRModel):
   """ResNet encoder, projection head (when the representation is one of its layers) and a linear
-  head `supervised_head` (the official `head_supervised`), with the export's variable names."""
-  depth: int
-  num_classes: int
-  width_multiplier: float = 1.0
-  cifar_stem: bool = False
-  sk_ratio: float = 0.0
-  tf_same_padding: bool = False
-  head_layers: int = 2
-  head_hidden_dim: int = 0
-  projection_dim: int = 128
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
+  head `supervised_head` (the official `head_supervised`), with the export's variable names.
+
+  A SimCLRModel subclass for its architecture fields, so `models.model_kwargs` builds both from
+  one `config.model`; `__call__` is its own (no probe, the head on the chosen representation).
+  """
   projection_layer: int = 0
-  axis_name: str | None = None
-  dtype: Any = jnp.float32
 
   def setup(self):
     bn = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, axis_name=self.axis_name,

@@ -398,8 +398,9 @@ class _Prefetcher:
     self._queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     self._stop = threading.Event()
     # The thread must not reference `self`, so dropping the iterator stops it (see __del__).
-    threading.Thread(target=_produce, args=(batches, to_device, self._queue, self._stop),
-                     daemon=True).start()
+    self._thread = threading.Thread(
+        target=_produce, args=(batches, to_device, self._queue, self._stop), daemon=True)
+    self._thread.start()
 
   def __iter__(self):
     return self
@@ -415,10 +416,13 @@ class _Prefetcher:
     return item
 
   def close(self) -> None:
+    """Stops the thread and waits for it, so no batch is produced after the caller moves on."""
     self._stop.set()
+    if self._thread is not threading.current_thread():
+      self._thread.join()
 
   def __del__(self):
-    self.close()
+    self._stop.set()
 
 
 def _produce(batches, to_device, output: queue.Queue, stop: threading.Event) -> None:

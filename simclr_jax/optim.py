@@ -11,7 +11,7 @@ import jax
 import optax
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
-LR_SCALINGS = ("linear", "sqrt")
+LR_SCALINGS = ("linear", "sqrt", "none")
 # Parameter names that never get weight decay or the trust ratio: BN scale/bias and all biases.
 UNDECAYED_PARAM_NAMES = frozenset({"scale", "bias"})
 # The online/offline linear probe: a classifier on frozen features, not part of the encoder.
@@ -41,7 +41,10 @@ def decay_mask(params: Any) -> Any:
 
 def scale_learning_rate(base_learning_rate: float, lr_scaling: str,
                         global_batch_size: int) -> float:
-  """The paper's rules: 'linear' base * B / 256 (0.3 for LARS) or 'sqrt' base * sqrt(B) (0.075)."""
+  """The paper's rules: 'linear' base * B / 256 (0.3 for LARS) or 'sqrt' base * sqrt(B) (0.075).
+
+  'none' keeps the base rate whatever the batch.
+  """
   if base_learning_rate < 0:
     raise ValueError(f"base_learning_rate must be >= 0, got {base_learning_rate}")
   if global_batch_size <= 0:
@@ -50,6 +53,8 @@ def scale_learning_rate(base_learning_rate: float, lr_scaling: str,
     return base_learning_rate * global_batch_size / 256
   if lr_scaling == "sqrt":
     return base_learning_rate * math.sqrt(global_batch_size)
+  if lr_scaling == "none":
+    return base_learning_rate
   raise ValueError(f"unknown lr_scaling {lr_scaling!r}; allowed: {', '.join(LR_SCALINGS)}")
 
 
@@ -130,3 +135,19 @@ def create_optimizer(name: str, learning_rate: float | optax.Schedule, *, weight
     return jax.tree.map(lambda trainable: "trainable" if trainable else "frozen", mask)
 
   return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def with_probe_optimizer(optimizer: optax.GradientTransformation,
+                         probe_optimizer: optax.GradientTransformation
+                         ) -> optax.GradientTransformation:
+  """`probe_optimizer` for everything under 'linear_head', `optimizer` for the rest.
+
+  The official code trains the online probe with the pretraining LARS rate (2.0 at B=512) on
+  unnormalised features, where its loss diverges; a rate of its own keeps the probe readable.
+  """
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "probe" if LINEAR_HEAD in [_key_name(key) for key in path] else "model",
+        params)
+
+  return optax.multi_transform({"model": optimizer, "probe": probe_optimizer}, labels)

@@ -63,6 +63,14 @@ class TrainState:
   opt_state: Any
   rng: jax.Array            # uint32[2] base key of the augmentations
 
+  def apply_gradients(self, optimizer: optax.GradientTransformation, grads: Any,
+                      batch_stats: Any = None) -> "TrainState":
+    """One optimizer update; `batch_stats` replaces the BN statistics when given."""
+    updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state,
+                        batch_stats=self.batch_stats if batch_stats is None else batch_stats)
+
 
 class Preempted(Exception):
   """SIGTERM arrived; the state was checkpointed at `step` and the same command resumes it."""
@@ -126,6 +134,10 @@ def validate_pretrain_config(config: ml_collections.ConfigDict, *, num_devices: 
           f"{', '.join(optim.LR_SCALINGS)}")
   require(config.optimizer.base_learning_rate > 0,
           f"optimizer.base_learning_rate={config.optimizer.base_learning_rate} must be positive")
+  require(config.optimizer.probe_learning_rate >= 0,
+          f"optimizer.probe_learning_rate={config.optimizer.probe_learning_rate} must be >= 0")
+  require(config.max_train_minutes >= 0,
+          f"max_train_minutes={config.max_train_minutes} must be >= 0 (0 = no budget)")
   require(config.optimizer.warmup_epochs >= 0,
           f"optimizer.warmup_epochs={config.optimizer.warmup_epochs} must be >= 0")
   for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "knn_k"):
@@ -201,18 +213,22 @@ def make_loss_fn(model: models.SimCLRModel, *, temperature: float, axis_name: st
   return loss_fn
 
 
+def image_keys(base_key: jax.Array, step: jax.Array, indices: jax.Array) -> jax.Array:
+  """fold_in(fold_in(base_key, step), global index) per image: a view depends on the image and
+  the step, not on which device or process holds it."""
+  step_key = jax.random.fold_in(base_key, step)
+  return jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
+
+
 def augment_views(augment_view: Callable, images: jax.Array, indices: jax.Array,
                   base_key: jax.Array, step: jax.Array) -> jax.Array:
   """[2n, S, S, 3] float views of n uint8 images: all first views, then all second views.
 
-  Image i's key is fold_in(fold_in(base_key, step), global_index[i]), split into one key per
-  view, so a view depends on the image, not on which device holds it. `augment_view(key, image,
+  Each image's key (`image_keys`) is split into one key per view. `augment_view(key, image,
   view=v)` is `augment.build_augmentation`'s function (`view` picks per-view probabilities).
   `images` is [n, H, W, 3] (the device crops) or [n, 2, S, S, 3] (host crops, one per view).
   """
-  step_key = jax.random.fold_in(base_key, step)
-  image_keys = jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
-  view_keys = jax.vmap(jax.random.split)(image_keys)
+  view_keys = jax.vmap(jax.random.split)(image_keys(base_key, step, indices))
   images = images.astype(jnp.float32) / 255.0
   first, second = (images[:, 0], images[:, 1]) if images.ndim == 5 else (images, images)
   return jnp.concatenate([
@@ -221,48 +237,46 @@ def augment_views(augment_view: Callable, images: jax.Array, indices: jax.Array,
   ], axis=0)
 
 
+def make_sharded_step(step_on_shard: Callable, mesh: jax.sharding.Mesh
+                      ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple]:
+  """jit(shard_map(step_on_shard)): (state, global batch) -> (state, metrics); state donated.
+
+  `step_on_shard(state, images, indices, labels)` sees one device's share of the batch and the
+  replicated state, and returns the new state and replicated metrics. Its collectives use
+  DATA_AXIS. No pmean of gradients is needed: for replicated parameters, shard_map's autodiff
+  already sums their gradient over devices.
+  """
+  batch_spec, replicated_spec = jax.P(DATA_AXIS), jax.P()
+  sharded = jax.shard_map(step_on_shard, mesh=mesh,
+                          in_specs=(replicated_spec, batch_spec, batch_spec, batch_spec),
+                          out_specs=(replicated_spec, replicated_spec))
+
+  def step(state: TrainState, batch: Mapping[str, jax.Array]):
+    return sharded(state, batch["image"], batch["index"], batch["label"])
+
+  return jax.jit(step, donate_argnums=0)
+
+
 def make_train_step(model: models.SimCLRModel, optimizer: optax.GradientTransformation,
                     augment_view: Callable, *, temperature: float,
                     learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple]:
-  """jit(shard_map(step)): (state, global batch) -> (state, metrics); the state is donated.
+  """The pretraining step (`make_sharded_step`): each device augments its shard, then learns.
 
-  `model` must have `axis_name=DATA_AXIS`. Metrics are float32 scalars, identical on all devices.
-  The augmentation runs in its own shard_map without varying-axis checks: it has no collectives
-  and no gradient, and jax 0.10.2 mis-types `vmap(lax.cond)` with a per-image predicate under
-  those checks ("pvary is a invariant->variant collective"). The learning step keeps the checks,
-  which make shard_map's autodiff sum the replicated parameters' gradient over devices.
+  `model` must have `axis_name=DATA_AXIS`. Metrics are float32 scalars.
   """
   loss_fn = make_loss_fn(model, temperature=temperature, axis_name=DATA_AXIS)
 
-  def augment_shard(images, indices, base_key, step):
-    return augment_views(augment_view, images, indices, base_key, step)
-
-  def learn_on_shard(state: TrainState, views, labels):
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-    # No psum/pmean here: for replicated params, shard_map's autodiff already sums over devices.
-    grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, views, labels)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+  def step_on_shard(state: TrainState, images, indices, labels):
+    views = augment_views(augment_view, images, indices, state.rng, state.step)
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, views, labels)
+    new_state = state.apply_gradients(optimizer, grads, batch_stats)
     metrics.update(learning_rate=learning_rate_fn(state.step), grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+                   param_norm=optax.global_norm(new_state.params))
     return new_state, {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
 
-  batch_spec, replicated_spec = jax.P(DATA_AXIS), jax.P()
-  augment_step = jax.shard_map(
-      augment_shard, mesh=mesh, in_specs=(batch_spec, batch_spec, replicated_spec, replicated_spec),
-      out_specs=batch_spec, check_vma=False)
-  learn_step = jax.shard_map(learn_on_shard, mesh=mesh,
-                             in_specs=(replicated_spec, batch_spec, batch_spec),
-                             out_specs=(replicated_spec, replicated_spec))
-
-  def train_step(state: TrainState, batch):
-    views = augment_step(batch["image"], batch["index"], state.rng, state.step)
-    return learn_step(state, views, batch["label"])
-
-  return jax.jit(train_step, donate_argnums=0)
+  return make_sharded_step(step_on_shard, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +423,39 @@ class StopRequest:
       signal.signal(signal.SIGTERM, self._previous_handler)
 
 
+def progress_reporter(total_steps: int, writer: metric_writers.MetricWriter,
+                      every_steps: int) -> Callable[[int], Any]:
+  """step -> None, logging steps/s and the ETA every `every_steps` (process 0 only, like every
+  other log)."""
+  if jax.process_index() != 0:
+    return lambda step: None
+  return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                         every_steps=every_steps)
+
+
+class TimeBudget:
+  """Wall-clock budget of one training invocation, counted from its creation (0 = none).
+
+  Several processes must stop at the same step: there, process 0's clock decides, read at the
+  log steps only (one small broadcast per log interval).
+  """
+
+  def __init__(self, minutes: float, *, check_every_steps: int):
+    self._seconds = 60.0 * minutes
+    self._check_every_steps = check_every_steps
+    self._start = time.monotonic()
+
+  def spent(self, step: int) -> bool:
+    if self._seconds <= 0:
+      return False
+    if jax.process_count() == 1:
+      return time.monotonic() - self._start >= self._seconds
+    if step % self._check_every_steps:
+      return False
+    spent = np.bool_(time.monotonic() - self._start >= self._seconds)
+    return bool(multihost_utils.broadcast_one_to_all(spent))
+
+
 def check_finite(step_metrics: list[tuple[int, Mapping[str, float]]],
                  last_saved_step: int | None) -> None:
   """Raises FloatingPointError naming the first step and metric that is NaN or Inf."""
@@ -450,6 +497,21 @@ def export_encoder(workdir: str, config: ml_collections.ConfigDict, state: Train
     return directory
   params, batch_stats, step = sharding.to_host((state.params, state.batch_stats, state.step))
   return _save_export(directory, config.to_dict(), params, batch_stats, int(step))
+
+
+def export_initialization(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The encoder `config`'s pretraining starts from (its seed's random init) into workdir/export.
+
+  The random-init baseline of linear probes: the very network a run with this config and seed
+  would train, before its first step (BN statistics at their initial 0 / 1).
+  """
+  workdir = os.path.abspath(workdir)
+  info = input_pipeline.get_dataset_info(config.dataset, data_dir=data_dir(config))
+  model = models.create_model(config.model, num_classes=info.num_classes)
+  state = create_train_state(model, optax.identity(), seed=config.seed,
+                             image_size=config.image_size,
+                             mesh=sharding.create_mesh(jax.local_devices()[:1]))
+  return export_encoder(workdir, config, state)
 
 
 def export_checkpoint(workdir: str, *, step: int | None = None,
@@ -594,9 +656,17 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
       config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
       global_batch_size=config.global_batch_size, total_steps=total_steps,
       warmup_steps=warmup_steps)
-  optimizer = optim.create_optimizer(
-      config.optimizer.name, schedule, weight_decay=config.optimizer.weight_decay,
-      momentum=config.optimizer.momentum, trust_coefficient=config.optimizer.trust_coefficient)
+  probe_schedule = optim.learning_rate_schedule(
+      config.optimizer.probe_learning_rate, lr_scaling="none",
+      global_batch_size=config.global_batch_size,
+      total_steps=total_steps, warmup_steps=warmup_steps)
+  optimizer = optim.with_probe_optimizer(
+      optim.create_optimizer(
+          config.optimizer.name, schedule, weight_decay=config.optimizer.weight_decay,
+          momentum=config.optimizer.momentum,
+          trust_coefficient=config.optimizer.trust_coefficient),
+      optim.create_optimizer("sgd", probe_schedule, weight_decay=0.0,
+                             momentum=config.optimizer.momentum))
   augment_view = augment.build_augmentation(config.augment, config.image_size,
                                             crop_on_device=config.host_crop_views == 0)
   checkpointer = checkpointing.TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR),
@@ -623,7 +693,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
                                  learning_rate_fn=schedule, mesh=mesh)
     state, summary = _train_loop(config, workdir, mesh, state, train_step, checkpointer,
-                                 make_feature_fn(model), info.num_classes, total_steps)
+                                 make_feature_fn(model), info.num_classes, total_steps,
+                                 info.split_sizes[config.train_split])
   finally:
     checkpointer.wait_until_finished()
     checkpointer.close()
@@ -643,8 +714,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
                 state: TrainState, train_step: Callable, checkpointer:
                 checkpointing.TrainCheckpointer, feature_fn: Callable, num_classes: int,
-                total_steps: int) -> tuple[TrainState, dict[str, float]]:
-  """Steps from state.step to total_steps with logging, k-NN, checkpoints and stop requests."""
+                total_steps: int, num_train_examples: int
+                ) -> tuple[TrainState, dict[str, float]]:
+  """Steps from state.step to total_steps (or the time budget) with logging, k-NN, checkpoints
+  and stop requests."""
   start_step = int(sharding.to_host(state.step))
   batches = input_pipeline.create_train_iterator(
       config.dataset, data_dir=data_dir(config), split=config.train_split,
@@ -652,12 +725,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
       host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step, mesh=mesh,
       data_shards=data_shards(config))
   writer = create_metric_writer(workdir)
-  # Steps/s and ETA on the console (process 0 only, like every other log).
-  report_progress = (periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps)
-                     if jax.process_index() == 0 else lambda step: None)
+  report_progress = progress_reporter(total_steps, writer, config.log_every_steps)
   log = TrainLog(writer, config.global_batch_size)
   last_saved = checkpointer.latest_step()
+  budget = TimeBudget(config.max_train_minutes, check_every_steps=config.log_every_steps)
+  step = start_step
   try:
     with StopRequest() as stop_request:
       for step in range(start_step + 1, total_steps + 1):
@@ -665,9 +737,9 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         log.add(step, metrics)
         report_progress(step)
         stopping = stop_request.should_stop(step)
-        saving = stopping or step % config.checkpoint_every_steps == 0 or step == total_steps
-        knn_due = config.knn_every_steps > 0 and (step % config.knn_every_steps == 0 or
-                                                  step == total_steps)
+        last = step == total_steps or budget.spent(step)
+        saving = stopping or last or step % config.checkpoint_every_steps == 0
+        knn_due = config.knn_every_steps > 0 and (last or step % config.knn_every_steps == 0)
         if saving or knn_due or step % config.log_every_steps == 0:
           log.flush(step, last_saved)  # before saving: a NaN state is never checkpointed
         if knn_due:
@@ -680,11 +752,17 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         if stopping:
           checkpointer.wait_until_finished()
           raise Preempted(step, workdir)
+        if last:
+          break
   finally:
     batches.close()
     writer.close()
-  train_seconds, examples_per_sec = log.throughput(total_steps)
+  if step < total_steps:
+    logging.warning("the %.1f-minute budget ended training at step %d of %d",
+                    config.max_train_minutes, step, total_steps)
+  train_seconds, examples_per_sec = log.throughput(step)
   summary = {name: value for name, value in log.summary.items() if name != "examples_per_sec"}
-  summary.update(step=total_steps, train_seconds=train_seconds,
-                 examples_per_sec=examples_per_sec, pairs_per_sec=examples_per_sec)
+  summary.update(step=step, train_seconds=train_seconds, examples_per_sec=examples_per_sec,
+                 pairs_per_sec=examples_per_sec, stopped_early_by_time_budget=step < total_steps,
+                 epochs=step * config.global_batch_size / num_train_examples)
   return state, summary

@@ -79,6 +79,33 @@ def test_color_jitter_matches_official_sequence_in_every_order(brightness_impl, 
   assert len(outcomes) > 12  # the order matters, so the test would see a wrong order
 
 
+@pytest.mark.parametrize("brightness_impl, brightness_contrast", [
+    ("simclrv2", [(1.8, 0.2), (0.2, 1.8)]), ("simclrv1", [(-0.6, 1.8), (0.6, 0.3)])])
+def test_color_jitter_composition_holds_where_clipping_bites(brightness_impl,
+                                                             brightness_contrast):
+  """Strong factors, so every clip changes pixels: brightness/contrast runs composed into one
+  clamp-affine pass and saturation merged with hue must still give the official sequence."""
+  images = colour_images(seed=2, count=2)
+  orders = np.array(list(itertools.permutations(range(4))), np.int32)
+
+  @jax.jit
+  def jitter(brightness, contrast):
+    one = lambda image, order: augment.apply_color_jitter(
+        image, order, brightness=brightness, contrast=contrast, saturation=1.8, hue=-0.3,
+        brightness_impl=brightness_impl)
+    return jax.vmap(jax.vmap(one, (None, 0)), (0, None))(jnp.asarray(images), orders)
+
+  for brightness, contrast in brightness_contrast:
+    ours = np.asarray(jitter(brightness, contrast))
+    for image, results in zip(images, ours):
+      clipped = 0
+      for order, result in zip(orders, results):
+        expected = tf_jitter(image, order, brightness, contrast, 1.8, -0.3, brightness_impl)
+        np.testing.assert_allclose(result, expected, atol=TOLERANCE, err_msg=str(order))
+        clipped += ((expected == 0.0) | (expected == 1.0)).mean()
+      assert clipped / len(orders) > 0.05  # clipping really happens
+
+
 def reference_crop_box(rng, height, width, area_range=(0.08, 1.0), ratio_range=(3 / 4, 4 / 3),
                        max_attempts=100, min_object_covered=0.1):
   """NumPy transcription of TF's SampleDistortedBoundingBox with the whole image as the box.
@@ -203,6 +230,28 @@ def test_crop_and_resize_equals_jax_scale_and_translate():
   resize = jax.jit(augment.crop_and_resize, static_argnums=2)
   identity = resize(image, jnp.array([0, 0, 20, 20]), 20)
   np.testing.assert_allclose(identity, image, atol=1e-6)
+
+
+@pytest.mark.parametrize("height, width, size, tolerance", [
+    (32, 32, 32, 1e-5), (48, 40, 24, 1e-5), (224, 224, 224, 5e-5)])
+def test_crop_and_resize_on_sampled_crops(height, width, size, tolerance):
+  """The presets' own crops (and downscaling ones), batched as the pipeline runs them. At 224
+  px scale_and_translate's float32 sample positions (offset * scale / scale) are off by up to
+  ~2e-5 px, hence its tolerance."""
+  images = jnp.asarray(np.random.default_rng(3).random((8, height, width, 3), dtype=np.float32))
+  keys = jax.random.split(jax.random.key(4), 8)
+
+  @jax.jit
+  @jax.vmap
+  def both(key, image):
+    box = augment.sample_crop_box(key, height, width)
+    scale = size / box[2:].astype(jnp.float32)
+    expected = jax.image.scale_and_translate(image, (size, size, 3), (0, 1), scale,
+                                             -box[:2] * scale, "cubic")
+    return augment.crop_and_resize(image, box, size), expected
+
+  ours, expected = both(keys, images)
+  np.testing.assert_allclose(ours, expected, atol=tolerance)
 
 
 def test_blur_matches_official_depthwise_convolution():

@@ -46,6 +46,13 @@ def _train(data_dir, **overrides):
   return input_pipeline.create_train_iterator(DATASET, **{**arguments, **overrides})
 
 
+def test_closing_the_train_iterator_stops_its_prefetch_thread(data_dir):
+  iterator = _train(data_dir)
+  next(iterator)
+  iterator.close()
+  assert not iterator._thread.is_alive()  # pylint: disable=protected-access
+
+
 def test_synthetic_shapes_is_generated_offline_deterministic_and_learnable(data_dir):
   info = input_pipeline.get_dataset_info(DATASET, data_dir)
   assert info.class_names == synthetic_shapes.CLASS_NAMES

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -24,6 +23,7 @@ from simclr_jax import checkpointing
 from simclr_jax import input_pipeline
 from simclr_jax import sharding
 from simclr_jax import train
+from tests.helpers import relative_distance
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -113,14 +113,6 @@ def train_run(workdir, data_dir, num_processes, environments, knn_every_steps=0)
 
 def state_at(workdir, step):
   return checkpointing.read_state_as_numpy(os.path.join(workdir, train.CHECKPOINT_DIR), step)
-
-
-def relative_distance(tree, reference) -> float:
-  """||tree - reference|| / ||reference|| over all leaves, in float64."""
-  pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
-           for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(reference))]
-  return (np.sqrt(sum(np.sum((a - b) ** 2) for a, b in pairs)) /
-          np.sqrt(sum(np.sum(b ** 2) for _, b in pairs)))
 
 
 def assert_same_run(workdir, reference):

@@ -155,6 +155,22 @@ def test_learning_rate_scaling():
   assert optim.scale_learning_rate(0.075, "sqrt", 4096) == pytest.approx(4.8)
   assert optim.scale_learning_rate(0.3, "linear", 256) == pytest.approx(0.3)
   assert optim.scale_learning_rate(0.075, "sqrt", 256) == pytest.approx(1.2)
+  assert optim.scale_learning_rate(0.1, "none", 4096) == pytest.approx(0.1)
+
+
+def test_probe_optimizer_steps_only_the_linear_head_and_lars_the_rest():
+  params = {"encoder": {"conv": {"kernel": jnp.full((3, 3), 2.0)}},
+            "linear_head": {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  lars = optim.create_optimizer("lars", 1.0, weight_decay=0.0, momentum=0.0)
+  probe = optim.create_optimizer("sgd", 0.1, weight_decay=0.0, momentum=0.0)
+  updates, _ = optim.with_probe_optimizer(lars, probe).update(
+      grads, optim.with_probe_optimizer(lars, probe).init(params), params)
+  # Plain SGD on the head: -lr * g.
+  np.testing.assert_allclose(updates["linear_head"]["dense"]["kernel"], -0.05)
+  np.testing.assert_allclose(updates["linear_head"]["dense"]["bias"], -0.05)
+  # LARS on the kernel: -lr * trust * g with trust = 0.001 * |w| / |g| = 0.001 * 2 / 0.5.
+  np.testing.assert_allclose(updates["encoder"]["conv"]["kernel"], -0.001 * 4 * 0.5, rtol=1e-6)
 
 
 def test_steps_from_epochs():
@@ -175,7 +191,7 @@ def test_steps_from_epochs():
     (lambda: optim.create_optimizer("lars", 0.1, weight_decay=0.0, trust_coefficient=0.0),
      "trust_coefficient must be positive"),
     (lambda: optim.scale_learning_rate(0.3, "cubic", 256),
-     "unknown lr_scaling 'cubic'; allowed: linear, sqrt"),
+     "unknown lr_scaling 'cubic'; allowed: linear, sqrt, none"),
     (lambda: optim.scale_learning_rate(-0.3, "linear", 256), "got -0.3"),
     (lambda: optim.scale_learning_rate(0.3, "linear", 0), "global_batch_size must be positive"),
     (lambda: optim.learning_rate_schedule(0.3, lr_scaling="linear", global_batch_size=256,

@@ -1,10 +1,11 @@
 """What the linear probe and fine-tuning share: config checks, metrics, pictures, outputs.
 
-Outputs of an evaluation run in its workdir: results.json (flat: numbers plus 'mode', 'dataset'
-and a few descriptive strings), metrics.jsonl + TensorBoard events (the trainer's writers),
-predictions.png, confusion_matrix.png, and export/ — the encoder plus its trained linear head
-`supervised_head`, an encoder export that `simclr_jax.tools.predict`, a later probe or the
-safetensors export can read.
+Outputs of an evaluation run in its workdir: results.json (flat: numbers plus 'mode', 'dataset',
+a few descriptive strings and, for runs that train, `stopped_early_by_time_budget`),
+metrics.jsonl + TensorBoard events (the trainer's writers), predictions.png,
+confusion_matrix.png, and export/ — the encoder plus its trained linear head `supervised_head`,
+an encoder export that `simclr_jax.tools.predict`, a later probe or the safetensors export can
+read.
 """
 import json
 import os
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from simclr_jax import augment
 from simclr_jax import export
 from simclr_jax import features
 from simclr_jax import input_pipeline
@@ -66,10 +68,18 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict | 
   """The results of a finished run of this same config in `workdir`, or None.
 
   A workdir that finished a different config is an error, so a rerun never returns stale numbers.
+  A run its time budget stopped is unfinished (None): rerunning continues it from its checkpoint,
+  with any budget, as long as the checkpoint's run record (seed, data, init_from) agrees.
   """
   results_path = os.path.join(workdir, train.RESULTS_FILE)
   config_path = os.path.join(workdir, train.CONFIG_FILE)
   if not (os.path.exists(results_path) and os.path.exists(config_path)):
+    return None
+  with open(results_path) as f:
+    results = json.load(f)
+  if results.get("stopped_early_by_time_budget"):
+    logging.info("%s holds a %s run its time budget stopped at step %s: continuing it", workdir,
+                 config.mode, results.get("step"))
     return None
   with open(config_path) as f:
     finished_config = f.read()
@@ -78,8 +88,7 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict | 
                      f"{train.CONFIG_FILE}); use a new --workdir")
   logging.info("%s already holds this finished %s run; returning its results", workdir,
                config.mode)
-  with open(results_path) as f:
-    return json.load(f)
+  return results
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -102,11 +111,20 @@ def validate_common(config: ml_collections.ConfigDict, *, mode: str, num_devices
           "positive")
   for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
+  require(config.max_train_minutes >= 0,
+          f"max_train_minutes={config.max_train_minutes} must be >= 0 (0 = no budget)")
   require(config.eval_every_steps >= 0,
           f"eval_every_steps={config.eval_every_steps} must be >= 0 (0 = only at the end)")
   require(config.host_crop_views in (0, 1),
           f"host_crop_views={config.host_crop_views}; allowed: 0 (the device crops; fixed-size "
           "images) or 1 (the host crops; needed when image sizes vary, e.g. tf_flowers)")
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+  """The fields of an evaluation that trains with SGD on augmented views."""
+  augment.validate(config.augment)
+  require(config.optimizer.name in optim.OPTIMIZERS,
+          f"optimizer.name={config.optimizer.name!r}; allowed: {', '.join(optim.OPTIMIZERS)}")
 
 
 def classification_results(logits: np.ndarray, labels: np.ndarray,
@@ -154,11 +172,43 @@ def save_classifier_export(workdir: str, *, model_config: Mapping[str, Any],
 
 
 def classifier_metadata(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
-                        projection_layer: int, source: str) -> dict:
+                        source: str) -> dict:
   return {"dataset": config.dataset, "image_size": config.image_size,
           "num_classes": info.num_classes, "class_names": list(info.class_names),
-          "projection_layer": projection_layer, "source": source,
+          "projection_layer": config.projection_layer, "source": source,
           "init_from": config.init_from}
+
+
+def evaluation_results(config: ml_collections.ConfigDict, *, logits: np.ndarray,
+                       labels: np.ndarray, num_classes: int, num_devices: int) -> dict[str, Any]:
+  """What every evaluation's results.json starts with: what ran, then its test accuracies."""
+  results = {"mode": config.mode, "dataset": config.dataset,
+             "representation": features.representation_name(config.projection_layer),
+             "num_devices": int(num_devices)}
+  results.update(classification_results(logits, labels, num_classes))
+  return results
+
+
+def write_final_scalars(writer, step: int, results: Mapping[str, Any]) -> None:
+  """The test top-1 curve's last point and final_<name> for every number in `results`."""
+  writer.write_scalars(step, {"test_top1": results["top1"], **{
+      f"final_{name}": value for name, value in results.items() if isinstance(value, float)}})
+
+
+def write_outputs(workdir: str, config: ml_collections.ConfigDict, *, results: Mapping[str, Any],
+                  info: input_pipeline.DatasetInfo, test: Mapping[str, np.ndarray],
+                  logits: np.ndarray, title: str, model_config: Mapping[str, Any],
+                  params: Mapping[str, Any], batch_stats: Mapping[str, Any], source: str) -> None:
+  """The end of every evaluation: pictures of `test` (images, labels) with `logits`, the
+  classifier export (the encoder export format, so a later probe can start from it) and
+  results.json last, so that a run with results is a finished run."""
+  write_pictures(workdir, images=test["images"], labels=test["labels"], logits=logits,
+                 class_names=info.class_names, title=title)
+  save_classifier_export(workdir, model_config=model_config, params=params,
+                         batch_stats=batch_stats,
+                         metadata=classifier_metadata(config, info, source))
+  train.write_results(workdir, results)
+  logging.info("%s results: %s", config.mode, results)
 
 
 def assert_unchanged(before: Mapping[str, Any], after: Mapping[str, Any], what: str) -> None:
@@ -177,21 +227,13 @@ def assert_unchanged(before: Mapping[str, Any], after: Mapping[str, Any], what: 
 def augment_images(augment_view, images: jax.Array, indices: jax.Array, base_key: jax.Array,
                    step: jax.Array) -> jax.Array:
   """One view per image, keyed by (step, global index) as in pretraining: device-count free."""
-  step_key = jax.random.fold_in(base_key, step)
-  keys = jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
+  keys = train.image_keys(base_key, step, indices)
   return jax.vmap(augment_view)(keys, features.images_to_float(images))
 
 
-def training_images(batch: Mapping[str, jax.Array]) -> jax.Array:
-  """[B, H, W, 3] uint8 of a train batch, whether the device crops or the host cropped one view."""
-  images = batch["image"]
+def single_view(images: jax.Array) -> jax.Array:
+  """[B, H, W, 3] uint8 train images, whether the device crops or the host cropped one view."""
   return images[:, 0] if images.ndim == 5 else images
-
-
-def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return optim.steps_from_epochs(config.num_epochs, num_examples, config.global_batch_size)
 
 
 def dtype(config: ml_collections.ConfigDict):

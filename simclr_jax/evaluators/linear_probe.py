@@ -25,16 +25,15 @@ import numpy as np
 import optax
 
 from simclr_jax import augment
-from simclr_jax import checkpointing
 from simclr_jax import features
 from simclr_jax import input_pipeline
 from simclr_jax import losses
 from simclr_jax import models
-from simclr_jax import optim
 from simclr_jax import sharding
 from simclr_jax import train
 from simclr_jax.evaluators import common
 from simclr_jax.evaluators import logistic_regression
+from simclr_jax.evaluators import training
 
 PROBE_PROTOCOLS = ("sgd", "lbfgs")
 
@@ -51,10 +50,7 @@ def validate_probe_config(config: ml_collections.ConfigDict, *, num_devices: int
                  "init_from is empty: a linear probe needs an encoder export (a pretraining "
                  "workdir's export/ directory)")
   if config.probe_protocol == "sgd":
-    augment.validate(config.augment)
-    common.require(config.optimizer.name in optim.OPTIMIZERS,
-                   f"optimizer.name={config.optimizer.name!r}; allowed: "
-                   f"{', '.join(optim.OPTIMIZERS)}")
+    common.validate_training(config)
   else:
     lbfgs = config.lbfgs
     common.require(0 < lbfgs.validation_fraction < 1,
@@ -75,7 +71,7 @@ def make_probe_step(classifier: features.Classifier, head: models.LinearHead,
   (inference-mode BN), so no collective is needed and the result does not depend on the mesh.
   """
   def step(state: train.TrainState, frozen: Mapping[str, Any], batch):
-    images = common.augment_images(augment_view, common.training_images(batch),
+    images = common.augment_images(augment_view, common.single_view(batch["image"]),
                                    batch["index"], state.rng, state.step)
     representation = jax.lax.stop_gradient(
         classifier.apply(frozen, images, train=False, method=features.Classifier.represent))
@@ -86,19 +82,12 @@ def make_probe_step(classifier: features.Classifier, head: models.LinearHead,
       return metrics["loss"], metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     metrics = dict(loss=metrics["loss"], train_top1=metrics["top1"],
                    learning_rate=learning_rate_fn(state.step))
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), metrics
+    return state.apply_gradients(optimizer, grads), metrics
 
   replicated = sharding.replicated(mesh)
   return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
-
-
-def _run_record(config: ml_collections.ConfigDict, step: int) -> dict:
-  return {"step": step, "mode": "linear_probe", "seed": config.seed, "dataset": config.dataset,
-          "init_from": config.init_from, "global_batch_size": config.global_batch_size}
 
 
 def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
@@ -107,16 +96,7 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
                     test: Mapping[str, Any], mesh: jax.sharding.Mesh, writer
                     ) -> tuple[dict, dict]:
   """The paper's probe; returns (head params {'dense': ...} on host, results to report)."""
-  total_steps = common.total_steps(config, num_examples)
-  warmup_steps = min(optim.steps_from_epochs(config.optimizer.warmup_epochs, num_examples,
-                                             config.global_batch_size), total_steps - 1)
-  schedule = optim.learning_rate_schedule(
-      config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
-      global_batch_size=config.global_batch_size, total_steps=total_steps,
-      warmup_steps=warmup_steps)
-  optimizer = optim.create_optimizer(
-      config.optimizer.name, schedule, weight_decay=config.optimizer.weight_decay,
-      momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov)
+  optimizer, schedule, total_steps = training.create_optimizer(config, num_examples)
   head = models.LinearHead(info.num_classes)
 
   def init(seed_key):
@@ -128,59 +108,20 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
                             opt_state=optimizer.init(params), rng=augment_key)
 
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
-  checkpointer = checkpointing.TrainCheckpointer(os.path.join(workdir, train.CHECKPOINT_DIR),
-                                                 keep=config.keep_checkpoints)
-  restored = checkpointer.restore_latest(state)
-  if restored is not None:
-    state, record = restored
-    for key in ("mode", "seed", "dataset", "init_from", "global_batch_size"):
-      if record.get(key) != _run_record(config, 0)[key]:
-        checkpointer.close()
-        raise ValueError(f"{workdir} holds a run with {key}={record.get(key)!r}, the config says "
-                         f"{_run_record(config, 0)[key]!r}: use a new --workdir")
-  start_step = int(sharding.to_host(state.step))
-  logging.info("linear probe (sgd): %d steps of %d images, starting at step %d", total_steps,
-               config.global_batch_size, start_step)
-
   augment_view = augment.build_augmentation(config.augment, config.image_size,
                                             crop_on_device=config.host_crop_views == 0)
   probe_step = make_probe_step(classifier, head, optimizer, augment_view, schedule, mesh)
-  batches = input_pipeline.create_train_iterator(
-      config.dataset, data_dir=train.data_dir(config), split=config.train_split,
-      global_batch_size=config.global_batch_size, image_size=config.image_size,
-      host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step, mesh=mesh)
 
-  def test_top1(head_params) -> float:
-    dense = sharding.to_host(head_params)["dense"]
+  def test_top1(state: train.TrainState) -> float:
+    dense = sharding.to_host(state.params)["dense"]
     logits = test["outputs"] @ dense["kernel"] + dense["bias"]
     return float(np.mean(logits.argmax(axis=1) == test["labels"]))
 
-  pending, last_metrics = [], {}
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = probe_step(state, frozen, next(batches))
-      pending.append(metrics)
-      saving = step % config.checkpoint_every_steps == 0 or step == total_steps
-      if saving or step % config.log_every_steps == 0:  # never save an unchecked state
-        fetched = sharding.to_host(pending)
-        pending.clear()
-        last_metrics = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
-        if not np.isfinite(last_metrics["loss"]):
-          raise FloatingPointError(f"probe loss is {last_metrics['loss']} at step {step}; lower "
-                                   "optimizer.base_learning_rate")
-        writer.write_scalars(step, last_metrics)
-      if config.eval_every_steps and step % config.eval_every_steps == 0:
-        writer.write_scalars(step, {"test_top1": test_top1(state.params)})
-      if saving:
-        checkpointer.save(step, state, _run_record(config, step))
-  finally:
-    batches.close()  # stop the prefetch thread before the interpreter exits
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-  report = {"num_train_steps": total_steps, "num_train_examples": num_examples}
-  if last_metrics:
-    report.update(train_loss=last_metrics["loss"], train_top1=last_metrics["train_top1"])
-  return sharding.to_host(state.params), report
+  state, report = training.train_loop(
+      config, workdir, state=state, step_fn=lambda state, batch: probe_step(state, frozen, batch),
+      total_steps=total_steps, num_examples=num_examples, mesh=mesh, writer=writer,
+      evaluate=test_top1)
+  return sharding.to_host(state.params), dict(report, num_train_examples=num_examples)
 
 
 def fit_lbfgs_probe(config: ml_collections.ConfigDict, train_set: Mapping[str, np.ndarray],
@@ -212,12 +153,12 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = mesh if mesh is not None else sharding.create_mesh()
   validate_probe_config(config, num_devices=mesh.devices.size)
   info, split_sizes = common.dataset_info(config, mesh)
-  encoder_export, frozen_host = features.load_encoder_variables(
-      config.init_from, config.model, projection_layer=config.projection_layer,
-      image_size=config.image_size)
   finished = common.finished_results(workdir, config)
   if finished is not None:
     return finished
+  encoder_export, frozen_host = features.load_encoder_variables(
+      config.init_from, config.model, projection_layer=config.projection_layer,
+      image_size=config.image_size)
   common.write_config(workdir, config)
 
   classifier = features.create_classifier(
@@ -248,32 +189,24 @@ def linear_probe(config: ml_collections.ConfigDict, workdir: str, *,
 
     dense = head_params["dense"]
     logits = test["outputs"] @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
-    results = {"mode": "linear_probe", "dataset": config.dataset,
-               "probe_protocol": config.probe_protocol,
-               "representation": features.representation_name(config.projection_layer),
-               "num_devices": int(mesh.devices.size)}
-    results.update(common.classification_results(logits, test["labels"], info.num_classes))
+    results = common.evaluation_results(config, logits=logits, labels=test["labels"],
+                                        num_classes=info.num_classes,
+                                        num_devices=mesh.devices.size)
+    results["probe_protocol"] = config.probe_protocol
     if train_set is not None:
       results.update(common.knn_top1(config, train_set["outputs"], train_set["labels"],
                                      test["outputs"], test["labels"], info.num_classes))
     results.update(report)
-    writer.write_scalars(report.get("num_train_steps", 0), {
-        f"final_{name}": value for name, value in results.items()
-        if isinstance(value, float)})
+    common.write_final_scalars(writer, report.get("step", 0), results)
   finally:
     writer.close()
 
-  common.write_pictures(workdir, images=test["images"], labels=test["labels"], logits=logits,
-                        class_names=info.class_names,
-                        title=f"linear probe ({config.probe_protocol}) on {config.dataset}")
-  common.save_classifier_export(
-      workdir, model_config=encoder_export.model_config,
+  common.write_outputs(
+      workdir, config, results=results, info=info, test=test, logits=logits,
+      title=f"linear probe ({config.probe_protocol}) on {config.dataset}",
+      model_config=encoder_export.model_config,
       params=dict(encoder_export.params, supervised_head=head_params),
       batch_stats={name: value for name, value in encoder_export.batch_stats.items()
                    if name != features.SUPERVISED_HEAD},
-      metadata=common.classifier_metadata(config, info, config.projection_layer,
-                                          f"simclr_jax.evaluate.linear_probe:"
-                                          f"{config.probe_protocol}"))
-  train.write_results(workdir, results)
-  logging.info("linear probe results: %s", results)
+      source=f"simclr_jax.evaluate.linear_probe:{config.probe_protocol}")
   return results

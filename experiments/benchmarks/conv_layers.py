@@ -1,0 +1,97 @@
+r"""Where the train step's time goes on CPU: each 3x3 conv of the CIFAR ResNet-18, by pass.
+
+  python experiments/benchmarks/conv_layers.py [--width=0.25] [--batch_size=128] [--repeats=5]
+
+For every distinct 3x3 conv shape of the CIFAR-stem ResNet-18 at `--width` (stride 1, the bulk
+of its FLOPs) it times, jitted, the three passes of training: forward (y = x * k), input
+gradient (dx) and kernel gradient (dk), each as XLA's convolution and as the alternative a user
+would try first, im2col patches + one matmul (dk from saved patches too, the best case of a
+custom VJP that keeps them). All figures are GFLOP/s of the convolution's 2*N*H*W*9*C*K, next to a
+float32 matmul of the same machine in the same run (the ceiling), so the table reads as ratios.
+"""
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def best_seconds(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def conv(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=DIMENSIONS)
+
+
+def patches(x):
+  """[N*H*W, 9*C] rows of 3x3 neighbourhoods (zero padded), tap-major like HWIO kernels."""
+  n, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  taps = [padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+  return jnp.concatenate(taps, axis=-1).reshape(n * h * w, 9 * c)
+
+
+def layer_row(batch: int, size: int, channels: int, repeats: int) -> dict[str, float]:
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((batch, size, size, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.random((3, 3, channels, channels)), jnp.float32)
+  dy = jnp.asarray(rng.random((batch, size, size, channels)), jnp.float32)
+  gflop = 2 * batch * size * size * 9 * channels * channels / 1e9
+
+  def vjp_part(index):
+    return jax.jit(lambda x, k, dy: jax.vjp(conv, x, k)[1](dy)[index])
+
+  saved = patches(x)
+  timings = {
+      "xla fwd": best_seconds(jax.jit(conv), x, kernel, repeats=repeats),
+      "xla dx": best_seconds(vjp_part(0), x, kernel, dy, repeats=repeats),
+      "xla dk": best_seconds(vjp_part(1), x, kernel, dy, repeats=repeats),
+      "im2col fwd": best_seconds(jax.jit(lambda x, k: patches(x) @ k.reshape(-1, channels)),
+                                 x, kernel, repeats=repeats),
+      "im2col dk": best_seconds(jax.jit(lambda x, dy: dy.reshape(-1, channels).T @ patches(x)),
+                                x, dy, repeats=repeats),
+      "saved-patches dk": best_seconds(jax.jit(lambda p, dy: dy.reshape(-1, channels).T @ p),
+                                       saved, dy, repeats=repeats),
+  }
+  return {name: gflop / seconds for name, seconds in timings.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--width", type=float, default=0.25)
+  parser.add_argument("--batch_size", type=int, default=128, help="images through the conv")
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+
+  square = jnp.ones((2048, 2048), jnp.float32)
+  ceiling = 2 * 2048 ** 3 / 1e9 / best_seconds(jax.jit(lambda a: a @ a), square,
+                                               repeats=args.repeats)
+  shapes = [(32, max(1, round(64 * args.width))), (16, max(1, round(128 * args.width))),
+            (8, max(1, round(256 * args.width))), (4, max(1, round(512 * args.width)))]
+  rows = [(size, channels, layer_row(args.batch_size, size, channels, args.repeats))
+          for size, channels in shapes]
+  names = list(rows[0][2])
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch_size}, "
+        f"width {args.width}; float32 2048^3 matmul ceiling: {ceiling:.0f} GFLOP/s\n")
+  print("| conv (HxW, C->C) | " + " | ".join(f"{name} GFLOP/s (% ceiling)" for name in names)
+        + " |")
+  print("|---|" + "---:|" * len(names))
+  for size, channels, gflops in rows:
+    cells = " | ".join(f"{gflops[name]:.0f} ({100 * gflops[name] / ceiling:.0f}%)"
+                       for name in names)
+    print(f"| {size}x{size}, {channels}->{channels} | {cells} |")
+
+
+if __name__ == "__main__":
+  main()
