@@ -226,14 +226,13 @@ def assert_unchanged(before: Mapping[str, Any], after: Mapping[str, Any], what: 
 
 def augment_images(augment_view, images: jax.Array, indices: jax.Array, base_key: jax.Array,
                    step: jax.Array) -> jax.Array:
-  """One view per image, keyed by (step, global index) as in pretraining: device-count free."""
+  """One view per train image, keyed by (step, global index) as in pretraining: device-count free.
+
+  `images` is [B, H, W, 3] (the device crops) or [B, 1, S, S, 3] (the host cropped one view).
+  """
+  images = images[:, 0] if images.ndim == 5 else images
   keys = train.image_keys(base_key, step, indices)
   return jax.vmap(augment_view)(keys, features.images_to_float(images))
-
-
-def single_view(images: jax.Array) -> jax.Array:
-  """[B, H, W, 3] uint8 train images, whether the device crops or the host cropped one view."""
-  return images[:, 0] if images.ndim == 5 else images
 
 
 def dtype(config: ml_collections.ConfigDict):

@@ -122,8 +122,7 @@ def make_finetune_step(classifier: features.Classifier, optimizer: optax.Gradien
                        learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh):
   """The fine-tuning step (`train.make_sharded_step`): global BN, one augmented view per image."""
   def step_on_shard(state: train.TrainState, images, indices, labels):
-    images = common.augment_images(augment_view, common.single_view(images), indices, state.rng,
-                                   state.step)
+    images = common.augment_images(augment_view, images, indices, state.rng, state.step)
 
     def loss_fn(params):
       (logits, _), updated = classifier.apply(

@@ -71,8 +71,8 @@ def make_probe_step(classifier: features.Classifier, head: models.LinearHead,
   (inference-mode BN), so no collective is needed and the result does not depend on the mesh.
   """
   def step(state: train.TrainState, frozen: Mapping[str, Any], batch):
-    images = common.augment_images(augment_view, common.single_view(batch["image"]),
-                                   batch["index"], state.rng, state.step)
+    images = common.augment_images(augment_view, batch["image"], batch["index"], state.rng,
+                                   state.step)
     representation = jax.lax.stop_gradient(
         classifier.apply(frozen, images, train=False, method=features.Classifier.represent))
 
