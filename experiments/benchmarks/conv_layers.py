@@ -1,13 +1,14 @@
 r"""Where the train step's time goes on CPU: each 3x3 conv of the CIFAR ResNet-18, by pass.
 
   python experiments/benchmarks/conv_layers.py [--width=0.25] [--batch_size=128] [--repeats=5]
+      [--dtype=float32|bfloat16]
 
 For every distinct 3x3 conv shape of the CIFAR-stem ResNet-18 at `--width` (stride 1, the bulk
 of its FLOPs) it times, jitted, the three passes of training: forward (y = x * k), input
 gradient (dx) and kernel gradient (dk), each as XLA's convolution and as the alternative a user
 would try first, im2col patches + one matmul (dk from saved patches too, the best case of a
 custom VJP that keeps them). All figures are GFLOP/s of the convolution's 2*N*H*W*9*C*K, next to a
-float32 matmul of the same machine in the same run (the ceiling), so the table reads as ratios.
+matmul of the same dtype, machine and run (the ceiling), so the table reads as ratios.
 """
 import argparse
 import time
@@ -42,11 +43,11 @@ def patches(x):
   return jnp.concatenate(taps, axis=-1).reshape(n * h * w, 9 * c)
 
 
-def layer_row(batch: int, size: int, channels: int, repeats: int) -> dict[str, float]:
+def layer_row(batch: int, size: int, channels: int, repeats: int, dtype) -> dict[str, float]:
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.random((batch, size, size, channels)), jnp.float32)
-  kernel = jnp.asarray(rng.random((3, 3, channels, channels)), jnp.float32)
-  dy = jnp.asarray(rng.random((batch, size, size, channels)), jnp.float32)
+  x = jnp.asarray(rng.random((batch, size, size, channels)), dtype)
+  kernel = jnp.asarray(rng.random((3, 3, channels, channels)), dtype)
+  dy = jnp.asarray(rng.random((batch, size, size, channels)), dtype)
   gflop = 2 * batch * size * size * 9 * channels * channels / 1e9
 
   def vjp_part(index):
@@ -72,18 +73,20 @@ def main():
   parser.add_argument("--width", type=float, default=0.25)
   parser.add_argument("--batch_size", type=int, default=128, help="images through the conv")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   args = parser.parse_args()
+  dtype = jnp.dtype(args.dtype)
 
-  square = jnp.ones((2048, 2048), jnp.float32)
+  square = jnp.ones((2048, 2048), dtype)
   ceiling = 2 * 2048 ** 3 / 1e9 / best_seconds(jax.jit(lambda a: a @ a), square,
                                                repeats=args.repeats)
   shapes = [(32, max(1, round(64 * args.width))), (16, max(1, round(128 * args.width))),
             (8, max(1, round(256 * args.width))), (4, max(1, round(512 * args.width)))]
-  rows = [(size, channels, layer_row(args.batch_size, size, channels, args.repeats))
+  rows = [(size, channels, layer_row(args.batch_size, size, channels, args.repeats, dtype))
           for size, channels in shapes]
   names = list(rows[0][2])
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch_size}, "
-        f"width {args.width}; float32 2048^3 matmul ceiling: {ceiling:.0f} GFLOP/s\n")
+        f"width {args.width}, {args.dtype}; 2048^3 matmul ceiling: {ceiling:.0f} GFLOP/s\n")
   print("| conv (HxW, C->C) | " + " | ".join(f"{name} GFLOP/s (% ceiling)" for name in names)
         + " |")
   print("|---|" + "---:|" * len(names))
