@@ -305,9 +305,10 @@ def test_cpu_supervised_recipe_is_the_baseline_of_the_cpu_pretraining():
   assert supervised.label_fraction == 1.0 and supervised.global_batch_size == 128
   assert supervised.augment == augment.get_preset("crop_flip")
   assert supervised.optimizer.nesterov and supervised.optimizer.weight_decay == 5e-4
-  # The cosine schedule ends inside the budget at ~130 images/s, with evaluations on the way.
+  # The cosine schedule ends inside the budget at ~200 images/s (oneDNN gradients), with
+  # evaluations on the way.
   steps = optim.steps_from_epochs(supervised.num_epochs, 50_000, supervised.global_batch_size)
-  assert steps * supervised.global_batch_size / 130 / 60 < supervised.max_train_minutes == 25
+  assert steps * supervised.global_batch_size / 200 / 60 < supervised.max_train_minutes == 25
   assert steps // supervised.eval_every_steps >= 2
 
 

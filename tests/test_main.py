@@ -7,6 +7,7 @@ cache, so only the first one compiles.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,8 +55,10 @@ def run_main(args, *, env, wait=True):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+  """The CLI as users run it on a CPU: one device, so conv_backend 'auto' picks oneDNN."""
   cache = str(tmp_path_factory.mktemp("xla_cache"))
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_COMPILATION_CACHE_DIR=cache,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
@@ -130,6 +133,7 @@ def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_d
   uninterrupted, interrupted = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
   finished = run_main(args + [f"--workdir={uninterrupted}"], env=env)
   assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+  assert "onednn convolutions" in finished.stderr  # the CPU default with one device
   with open(os.path.join(uninterrupted, train.RESULTS_FILE)) as f:
     results = json.load(f)
   assert results["step"] == 24 and np.isfinite(results["loss"])

@@ -48,11 +48,11 @@ def smoke_config(data_dir: str, **overrides):
   return set_fields(config, **overrides)
 
 
-def build(config, mesh):
+def build(config, mesh, conv_backend="xla"):
   """Model, optimizer, initial state and compiled step for `mesh`, as pretrain builds them."""
   info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir)
   model = models.create_model(config.model, num_classes=info.num_classes,
-                              axis_name=sharding.DATA_AXIS)
+                              axis_name=sharding.DATA_AXIS, conv_backend=conv_backend)
   total_steps, warmup_steps = 10, 2
   schedule = optim.learning_rate_schedule(
       config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
@@ -72,8 +72,8 @@ def build(config, mesh):
   return state, step, batches
 
 
-def run_steps(config, mesh, num_steps):
-  state, step, batches = build(config, mesh)
+def run_steps(config, mesh, num_steps, conv_backend="xla"):
+  state, step, batches = build(config, mesh, conv_backend)
   initial_state = jax.device_get(state)
   inputs, metrics = [], []
   for _ in range(num_steps):
@@ -111,6 +111,18 @@ def test_three_steps_on_one_device_equal_three_steps_on_eight(one_and_eight_devi
   moved_means = [np.any(leaf != 0) for path, leaf in jax.tree_util.tree_leaves_with_path(
       state_1.batch_stats) if "mean" in jax.tree_util.keystr(path)]
   assert moved_means and all(moved_means), "BN running means never moved"
+
+
+def test_onednn_convolutions_train_like_xla_on_one_device(one_and_eight_devices):
+  """The CPU default ('auto' with one device per process) against XLA's own convolutions."""
+  config, (state_xla, metrics_xla, *_), _ = one_and_eight_devices
+  state, metrics, *_ = run_steps(config, sharding.create_mesh(jax.devices()[:1]), 3, "onednn")
+  for step_onednn, step_xla in zip(metrics, metrics_xla):
+    for name in ("loss", "probe_loss", "grad_norm", "param_norm"):
+      np.testing.assert_allclose(step_onednn[name], step_xla[name], rtol=DEVICE_COUNT_RTOL)
+  for part in ("params", "batch_stats", "opt_state"):
+    distance = relative_distance(getattr(state, part), getattr(state_xla, part))
+    assert distance < DEVICE_COUNT_RTOL, f"{part} differ by {distance:.2e} (relative L2)"
 
 
 def test_online_probe_cannot_change_the_encoder(one_and_eight_devices, data_dir):
@@ -316,6 +328,7 @@ def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ("optimizer__name", "adam", "optimizer.name"),
     ("optimizer__probe_learning_rate", -0.1, "probe_learning_rate"),
     ("max_train_minutes", -1.0, "max_train_minutes"),
+    ("conv_backend", "onednn", "one device per process"),  # this process has 8 CPU devices
 ])
 def test_bad_configs_fail_before_compiling(data_dir, tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):

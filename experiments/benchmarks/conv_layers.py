@@ -7,15 +7,22 @@ For every distinct 3x3 conv shape of the CIFAR-stem ResNet-18 at `--width` (stri
 of its FLOPs) it times, jitted, the three passes of training: forward (y = x * k), input
 gradient (dx) and kernel gradient (dk), each as XLA's convolution and as the alternative a user
 would try first, im2col patches + one matmul (dk from saved patches too, the best case of a
-custom VJP that keeps them). All figures are GFLOP/s of the convolution's 2*N*H*W*9*C*K, next to a
-matmul of the same dtype, machine and run (the ceiling), so the table reads as ratios.
+custom VJP that keeps them), and both gradients together from oneDNN
+(`simclr_jax.models.onednn_conv`, the CPU default; float32 only). All figures are GFLOP/s of
+the convolution's 2*N*H*W*9*C*K (twice that for dx+dk), next to a matmul of the same dtype,
+machine and run (the ceiling), so the table reads as ratios.
 """
 import argparse
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from simclr_jax.models import onednn_conv  # noqa: E402
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -65,7 +72,14 @@ def layer_row(batch: int, size: int, channels: int, repeats: int, dtype) -> dict
       "saved-patches dk": best_seconds(jax.jit(lambda p, dy: dy.reshape(-1, channels).T @ p),
                                        saved, dy, repeats=repeats),
   }
-  return {name: gflop / seconds for name, seconds in timings.items()}
+  flops = {name: gflop for name in timings}
+  if dtype == jnp.float32:
+    onednn = lambda x, k: onednn_conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                           dimension_numbers=DIMENSIONS)
+    timings["onednn dx+dk"] = best_seconds(jax.jit(lambda x, k, dy: jax.vjp(onednn, x, k)[1](dy)),
+                                           x, kernel, dy, repeats=repeats)
+    flops["onednn dx+dk"] = 2 * gflop
+  return {name: flops[name] / seconds for name, seconds in timings.items()}
 
 
 def main():
@@ -76,6 +90,7 @@ def main():
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
+  onednn_conv.conv_function("onednn")  # imports TensorFlow before any callback
 
   square = jnp.ones((2048, 2048), dtype)
   ceiling = 2 * 2048 ** 3 / 1e9 / best_seconds(jax.jit(lambda a: a @ a), square,

@@ -1,14 +1,17 @@
 r"""Pretraining step speed against this machine's float32 matmul ceiling and a PyTorch peer.
 
   python experiments/benchmarks/train_step.py [--widths=0.25,0.5,1] [--batch_size=64]
-      [--steps=2] [--repeats=3] [--resnet50] [--torch_python=/path/to/venv/bin/python]
+      [--steps=2] [--repeats=3] [--resnet50] [--conv_backends=xla,onednn]
+      [--torch_python=/path/to/venv/bin/python]
 
 For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
 builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
 the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('sgd') and no
-augmentation unless --augment names a preset) on one device, and reports image pairs/s (per
-wall-clock and per CPU second of the process) and model FLOP/s: XLA's cost analysis of the
-compiled step divided by the measured step time. Two baselines are measured in the same run, so
+augmentation unless --augment names a preset) on one device, once per convolution backend
+(config.conv_backend: XLA's own convolutions, and oneDNN's gradients, the CPU default), and
+reports image pairs/s (per wall-clock and per CPU second of the process) and model FLOP/s: XLA's
+cost analysis of the compiled XLA-backend step (callbacks are not counted, so it is the count for
+every backend) divided by the measured step time. Two baselines are measured in the same run, so
 the ratios hold better on a loaded machine than absolute times:
   (a) the ceiling: a float32 square matmul under XLA (GFLOP/s = 2 n^3 / time);
   (b) the peer: the same network, loss and optimizer in plain PyTorch float32 on the same CPU
@@ -45,7 +48,7 @@ def model_config(depth: int, width_multiplier: float, cifar_stem: bool) -> dict:
 
 
 def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int,
-                        augment_preset: str = "none", seed: int = 0
+                        augment_preset: str = "none", conv_backend: str = "xla", seed: int = 0
                         ) -> tuple[Callable, tuple[Any, Any]]:
   """The trainer's own update step (simclr_jax.train.make_train_step) on one device, with SGD.
 
@@ -54,7 +57,8 @@ def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int
   float conversion, so the step is the model, loss and optimizer the PyTorch peer runs.
   """
   mesh = jax.make_mesh((1,), (train.DATA_AXIS,), devices=jax.devices()[:1])
-  model = models.create_model(model_config_, num_classes=NUM_CLASSES, axis_name=train.DATA_AXIS)
+  model = models.create_model(model_config_, num_classes=NUM_CLASSES, axis_name=train.DATA_AXIS,
+                              conv_backend=conv_backend)
   learning_rate = optax.constant_schedule(0.1)
   optimizer = optim.create_optimizer("sgd", learning_rate, weight_decay=1e-6, momentum=0.9)
   augment_view = augment.build_augmentation(augment.get_preset(augment_preset), image_size)
@@ -106,9 +110,10 @@ def measure_matmul(size: int, repeats: int) -> float:
 
 
 def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, repeats: int,
-                augment_preset: str) -> dict:
+                augment_preset: str, conv_backend: str) -> dict:
   step, (state, batch) = build_pretrain_step(config, batch_size=batch_size,
-                                             image_size=image_size, augment_preset=augment_preset)
+                                             image_size=image_size, augment_preset=augment_preset,
+                                             conv_backend=conv_backend)
   compiled = step.lower(state, batch).compile()
   holder = [state]
 
@@ -192,6 +197,8 @@ def main(argv) -> None:
   parser.add_argument("--matmul_size", type=int, default=2048)
   parser.add_argument("--augment", default="none",
                       help="augmentation preset inside the JAX step (the peer never augments)")
+  parser.add_argument("--conv_backends", default="xla,onednn",
+                      help="convolution backends to time the JAX step with (config.conv_backend)")
   parser.add_argument("--torch_python", default="",
                       help="interpreter with torch for the PyTorch peer (omit to skip the peer)")
   parser.add_argument("--torch_omp_wait_policy", default="PASSIVE",
@@ -205,6 +212,9 @@ def main(argv) -> None:
   if args.torch_python:
     check_torch_python(args.torch_python)
 
+  conv_backends = args.conv_backends.split(",")
+  for backend in conv_backends:
+    models.resolve_conv_backend(backend, jax.local_device_count())
   widths = [float(w) for w in args.widths.split(",")]
   runs = [(f"ResNet-18 CIFAR w={w:g}, 32 px", model_config(18, w, True), args.batch_size, 32)
           for w in widths]
@@ -216,17 +226,24 @@ def main(argv) -> None:
   for name, config, batch_size, image_size in runs:
     timing = dict(steps=args.steps, repeats=args.repeats, batch_size=batch_size,
                   image_size=image_size)
-    jax_result = measure_jax(config, augment_preset=args.augment, **timing)
-    row = {"name": name, "batch_size": batch_size, "flops": jax_result["flops"],
-           "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
+    jax_results = {backend: measure_jax(config, augment_preset=args.augment,
+                                        conv_backend=backend, **timing)
+                   for backend in conv_backends}
+    flops = (jax_results["xla"] if "xla" in jax_results else
+             measure_jax(config, augment_preset=args.augment, conv_backend="xla",
+                         **dict(timing, steps=1, repeats=1)))["flops"]
     if args.torch_python:
       torch_result = measure_torch(args.torch_python, config, warmup=args.torch_warmup,
                                    omp_wait_policy=args.torch_omp_wait_policy, **timing)
-      row["torch_seconds"] = torch_result["seconds"]
-      row["torch_cpu_seconds"] = torch_result["cpu_seconds"]
       peer = (f"PyTorch {torch_result['torch']} with {torch_result['threads']} threads, "
               f"OMP_WAIT_POLICY={args.torch_omp_wait_policy or 'default'}")
-    rows.append(row)
+    for backend, jax_result in jax_results.items():
+      row = {"name": f"{name}, {backend} convs", "batch_size": batch_size, "flops": flops,
+             "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
+      if args.torch_python:
+        row["torch_seconds"] = torch_result["seconds"]
+        row["torch_cpu_seconds"] = torch_result["cpu_seconds"]
+      rows.append(row)
     print(f"measured {name}", file=sys.stderr, flush=True)
   ceilings.append(measure_matmul(args.matmul_size, args.repeats))
   ceiling = max(ceilings)

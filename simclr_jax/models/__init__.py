@@ -10,13 +10,14 @@ import jax
 import jax.numpy as jnp
 
 from simclr_jax.models.heads import LinearHead, ProjectionHead, validate_head_args
+from simclr_jax.models.onednn_conv import CONV_BACKENDS, conv_function, resolve_conv_backend
 from simclr_jax.models.resnet import (DEPTHS, FEATURE_NAMES, BasicBlock, BottleneckBlock, ResNet,
                                       resnet_output_dim, scaled_channels, validate_resnet_args)
 
 __all__ = [
-    "DEPTHS", "FEATURE_NAMES", "BasicBlock", "BottleneckBlock", "LinearHead", "ProjectionHead",
-    "ResNet", "SimCLRModel", "create_model", "encoder_output_dim", "model_kwargs",
-    "scaled_channels",
+    "CONV_BACKENDS", "DEPTHS", "FEATURE_NAMES", "BasicBlock", "BottleneckBlock", "LinearHead",
+    "ProjectionHead", "ResNet", "SimCLRModel", "conv_function", "create_model",
+    "encoder_output_dim", "model_kwargs", "resolve_conv_backend", "scaled_channels",
 ]
 
 # Fields of `config.model` with their defaults; depth and width_multiplier must be given.
@@ -48,6 +49,7 @@ class SimCLRModel(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_backend: str = "xla"  # or 'onednn': see onednn_conv
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -59,7 +61,7 @@ class SimCLRModel(nn.Module):
               dtype=self.dtype)
     encoder = ResNet(self.depth, width_multiplier=self.width_multiplier, cifar_stem=self.cifar_stem,
                      sk_ratio=self.sk_ratio, tf_same_padding=self.tf_same_padding, **bn,
-                     name="encoder")
+                     conv_general_dilated=conv_function(self.conv_backend), name="encoder")
     features = encoder(x, train=train)
     projection_head = ProjectionHead(self.head_layers, self.head_hidden_dim, self.projection_dim,
                                      **bn, name="projection_head")
@@ -90,10 +92,11 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict:
 
 
 def create_model(model_config: Mapping[str, Any], *, num_classes: int, axis_name: str | None = None,
-                 dtype: Any = jnp.float32) -> SimCLRModel:
+                 dtype: Any = jnp.float32, conv_backend: str = "xla") -> SimCLRModel:
   """Builds the SimCLR model described by `config.model` (a ConfigDict or plain mapping)."""
+  conv_function(conv_backend)  # validates the name
   return SimCLRModel(num_classes=num_classes, axis_name=axis_name, dtype=dtype,
-                     **model_kwargs(model_config))
+                     conv_backend=conv_backend, **model_kwargs(model_config))
 
 
 def encoder_output_dim(model_config: Mapping[str, Any]) -> int:

@@ -188,6 +188,7 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None  # None: lax's; see onednn_conv for the CPU one
 
   def __post_init__(self):
     super().__post_init__()
@@ -209,7 +210,8 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet expects NHWC images of rank 4, got shape {x.shape}")
     block_kind, group_sizes = BLOCK_GROUPS[self.depth]
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                             dtype=self.dtype, param_dtype=jnp.float32)
+                             dtype=self.dtype, param_dtype=jnp.float32,
+                             conv_general_dilated=self.conv_general_dilated)
 
     def norm_for_stage(stage: int) -> ModuleFactory:
       frozen = stage <= stop_gradient_after_block

@@ -1,0 +1,169 @@
+"""Convolution gradients from oneDNN (as shipped in TensorFlow), for training on the CPU backend.
+
+XLA's CPU convolutions compute the kernel gradient at 10-20% of the machine's matmul speed
+(experiments/results/conv_layers.md). The kernel gradient is a third of a training step's
+convolution work. oneDNN computes both gradients near matmul speed, and makes the ResNet-18
+pretraining step 1.5-2x faster (experiments/results/train_step.md). The forward pass stays XLA's,
+so inference and evaluation are unchanged. The backward pass is one host callback into
+TensorFlow's `Conv2DBackpropInput` and `Conv2DBackpropFilter` ops. On the CPU backend the arrays
+already live in host memory. On an accelerator every activation would cross to the host, so
+`resolve_conv_backend('auto')` picks this only on the CPU backend, with one device per process
+(see there).
+
+`conv_general_dilated` has `lax.conv_general_dilated`'s signature, which is what `nn.Conv` calls.
+It handles float32 NHWC/HWIO convolutions without dilation or groups, which covers every
+convolution of the ResNets here. Anything else goes to `lax.conv_general_dilated` unchanged.
+Gradients are first order only, and forward-mode differentiation raises an error.
+"""
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+CONV_BACKENDS = ("auto", "xla", "onednn")
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_conv_backend(backend: str, devices_per_process: int) -> str:
+  """'xla' or 'onednn' for a computation over `devices_per_process` devices of each process.
+
+  'auto' picks oneDNN on the CPU backend with one device per process. Several CPU devices in one
+  process (`--xla_force_host_platform_device_count`) cannot use it: each callback's arguments are
+  first placed on CPU device 0, and if device 0 is waiting in a collective (global batch norm) for
+  the device that called back, neither proceeds.
+  """
+  if backend not in CONV_BACKENDS:
+    raise ValueError(f"conv_backend={backend!r}; allowed: {', '.join(CONV_BACKENDS)}")
+  one_cpu_device = jax.default_backend() == "cpu" and devices_per_process == 1
+  if backend == "onednn" and not one_cpu_device:
+    raise ValueError(
+        f"conv_backend='onednn' needs the CPU backend and one device per process; this run has "
+        f"{devices_per_process} {jax.default_backend()} device(s) per process. Use 'auto' or "
+        "'xla'.")
+  if backend == "auto":
+    return "onednn" if one_cpu_device else "xla"
+  return backend
+
+
+def conv_function(backend: str) -> Callable | None:
+  """The `conv_general_dilated` for `nn.Conv` ('xla': None, which keeps lax's own).
+
+  Imports TensorFlow here, outside any trace: a first import inside a callback crashes.
+  """
+  if backend == "xla":
+    return None
+  if backend != "onednn":
+    raise ValueError(f"conv backend {backend!r}: 'xla' or 'onednn' (resolve 'auto' first)")
+  _tf()
+  return conv_general_dilated
+
+
+def _tf_arguments(strides, padding: str) -> dict:
+  return dict(strides=[1, *strides, 1], padding=padding, data_format="NHWC")
+
+
+def _tf_same_padding(in_size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+  out_size = -(-in_size // stride)
+  total = max((out_size - 1) * stride + kernel_size - in_size, 0)
+  return total // 2, total - total // 2
+
+
+def _as_same_or_valid(x, kernel, strides, padding):
+  """(x, 'SAME' | 'VALID') equal to the explicit `padding`.
+
+  TensorFlow's backward ops take oneDNN's fast path only for these two paddings: with explicit
+  padding they fall back to kernels several times slower. Other paddings are applied with
+  `jnp.pad`, outside the callback, where autodiff handles them.
+  """
+  if all(pair == (0, 0) for pair in padding):
+    return x, "VALID"
+  same = tuple(_tf_same_padding(x.shape[1 + axis], kernel.shape[axis], strides[axis])
+               for axis in range(2))
+  if tuple(padding) == same:
+    return x, "SAME"
+  return jnp.pad(x, ((0, 0), *padding, (0, 0))), "VALID"
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def _backward_on_host(x, kernel, dy, *, strides, padding):
+  tf = _tf()
+  arguments = _tf_arguments(strides, padding)
+  dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x.shape, filter=kernel, out_backprop=dy,
+                                      **arguments)
+  dkernel = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=kernel.shape, out_backprop=dy,
+                                            **arguments)
+  return dx.numpy(), dkernel.numpy()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _onednn_conv_forward(x, kernel, strides, padding):
+  return _onednn_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _onednn_conv_backward(strides, padding, residuals, dy):
+  x, kernel = residuals
+  gradients = jax.pure_callback(
+      functools.partial(_backward_on_host, strides=strides, padding=padding),
+      (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)),
+      x, kernel, dy, vmap_method="sequential")
+  # Inside shard_map the callback's results come back typed as device-invariant; they are this
+  # device's gradients, varying like dy (and like x and kernel, which _vary_alike made alike).
+  varying = tuple(sorted(jax.typeof(dy).manual_axis_type.varying))
+  return tuple(jax.lax.pcast(g, varying, to="varying") for g in gradients) if varying else gradients
+
+
+_onednn_conv.defvjp(_onednn_conv_forward, _onednn_conv_backward)
+
+
+def _vary_alike(*values):
+  """`values` cast to vary over the same mesh axes, as JAX does before any primitive inside
+  `shard_map`. The cast's transpose sums the kernel's gradient over the data axis, so the
+  callback itself sees one device's shard like any other primitive."""
+  axes = frozenset().union(*(jax.typeof(v).manual_axis_type.varying for v in values))
+  return tuple(
+      jax.lax.pcast(v, tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying)), to="varying")
+      if axes - jax.typeof(v).manual_axis_type.varying else v for v in values)
+
+
+def _is_supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                  feature_group_count, batch_group_count) -> bool:
+  no_dilation = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+  return (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32 and no_dilation
+          and feature_group_count == 1 and batch_group_count == 1
+          and not isinstance(padding, str)
+          and all(low >= 0 and high >= 0 for low, high in padding)
+          and _is_nhwc_hwio(lhs, rhs, dimension_numbers))
+
+
+def _is_nhwc_hwio(lhs, rhs, dimension_numbers) -> bool:
+  as_numbers = functools.partial(jax.lax.conv_dimension_numbers, lhs.shape, rhs.shape)
+  return as_numbers(dimension_numbers) == as_numbers(_DIMENSION_NUMBERS)
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None):
+  """`lax.conv_general_dilated`, run by oneDNN where it can be (see the module docstring)."""
+  if preferred_element_type is None and _is_supported(
+      lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count):
+    strides = tuple(int(s) for s in window_strides)
+    padding = tuple((int(low), int(high)) for low, high in padding)
+    lhs, tf_padding = _as_same_or_valid(lhs, rhs, strides, padding)
+    return _onednn_conv(*_vary_alike(lhs, rhs), strides, tf_padding)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
