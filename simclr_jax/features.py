@@ -64,7 +64,6 @@ def create_classifier(model_config: Mapping[str, Any], *, num_classes: int,
                       projection_layer: int = 0, axis_name: str | None = None,
                       dtype: Any = jnp.float32, conv_backend: str = "xla") -> Classifier:
   kwargs = models.model_kwargs(model_config)
-  models.conv_function(conv_backend)  # validates the name
   if isinstance(projection_layer, bool) or projection_layer not in range(kwargs["head_layers"] + 1):
     raise ValueError(
         f"projection_layer={projection_layer!r}: 0 takes h, 1..{kwargs['head_layers']} the output "

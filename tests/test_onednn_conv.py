@@ -90,6 +90,8 @@ def test_auto_picks_onednn_only_for_one_cpu_device_per_process():
     (lambda: models.resolve_conv_backend("mkl", 1), "allowed: auto, xla, onednn"),
     (lambda: models.create_model({"depth": 18, "width_multiplier": 1}, num_classes=2,
                                  conv_backend="auto"), "resolve 'auto' first"),
+    (lambda: features.create_classifier({"depth": 18, "width_multiplier": 1}, num_classes=2,
+                                        conv_backend="mkl"), "'xla' or 'onednn'"),
 ])
 def test_bad_conv_backends_are_refused_with_what_to_use(call, message):
   with pytest.raises(ValueError, match=message):

@@ -51,6 +51,10 @@ class SimCLRModel(nn.Module):
   dtype: Any = jnp.float32
   conv_backend: str = "xla"  # or 'onednn': see onednn_conv
 
+  def __post_init__(self):
+    super().__post_init__()
+    conv_function(self.conv_backend)  # a bad name fails here, not at the first call
+
   @nn.compact
   def __call__(self, x, *, train: bool):
     """Returns dict(h=, z=, probe_logits=, hiddens=, stem=, block1=, ..., block4=).
@@ -94,7 +98,6 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict:
 def create_model(model_config: Mapping[str, Any], *, num_classes: int, axis_name: str | None = None,
                  dtype: Any = jnp.float32, conv_backend: str = "xla") -> SimCLRModel:
   """Builds the SimCLR model described by `config.model` (a ConfigDict or plain mapping)."""
-  conv_function(conv_backend)  # validates the name
   return SimCLRModel(num_classes=num_classes, axis_name=axis_name, dtype=dtype,
                      conv_backend=conv_backend, **model_kwargs(model_config))
 
