@@ -1,9 +1,9 @@
 """The command line: recipes, config errors, and a real run that is preempted and resumed.
 
-The end-to-end test launches `python -m simclr_jax.main` as a user would (8 fake CPU devices, as
-in every test here) three times: uninterrupted, stopped by SIGTERM, and restarted; the restarted
-run must end bitwise equal to the uninterrupted one. The runs share a persistent XLA compilation
-cache, so only the first one compiles.
+The end-to-end test launches `python -m simclr_jax.main` as a user would on a CPU (one device,
+so `conv_backend='auto'` is oneDNN) three times: uninterrupted and stopped by SIGTERM, side by
+side, then restarted; the restarted run must end bitwise equal to the uninterrupted one. The runs
+share a persistent XLA compilation cache, so the restart compiles nothing.
 """
 import json
 import os
@@ -44,10 +44,11 @@ def data_dir(tmp_path_factory) -> str:
   return directory
 
 
-def run_main(args, *, env, wait=True):
+def run_main(args, *, env, wait=True, output=subprocess.PIPE):
+  """The finished run, or (`wait=False`) the running process, its log going to `output`."""
   command = [sys.executable, "-m", "simclr_jax.main"] + args
   if not wait:
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output,
                             stderr=subprocess.STDOUT, text=True)
   return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
@@ -131,24 +132,33 @@ def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_d
           "--config.num_train_steps=24", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=100", "--config.knn_every_steps=0"]
   uninterrupted, interrupted = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
-  finished = run_main(args + [f"--workdir={uninterrupted}"], env=env)
-  assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-  assert "onednn convolutions" in finished.stderr  # the CPU default with one device
+  # The uninterrupted run and the one to interrupt run side by side (2 cores), then the resume.
+  with open(tmp_path / "uninterrupted.log", "w+") as reference_log:
+    reference = run_main(args + [f"--workdir={uninterrupted}"], env=env, wait=False,
+                         output=reference_log)
+    try:
+      process = run_main(args + [f"--workdir={interrupted}"], env=env, wait=False)
+      metrics_path = os.path.join(interrupted, train.METRICS_FILE)
+      deadline = time.monotonic() + 300
+      while not (os.path.exists(metrics_path) and '"loss"' in open(metrics_path).read()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+      process.send_signal(signal.SIGTERM)
+      output = process.communicate(timeout=300)[0]
+      assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+      reference.wait(timeout=600)
+    finally:
+      if reference.poll() is None:
+        reference.kill()
+    reference_log.seek(0)
+    reference_output = reference_log.read()
+  assert reference.returncode == 0, reference_output[-3000:]
+  assert "onednn convolutions" in reference_output  # the CPU default with one device
   with open(os.path.join(uninterrupted, train.RESULTS_FILE)) as f:
     results = json.load(f)
   assert results["step"] == 24 and np.isfinite(results["loss"])
   for name in (train.METRICS_FILE, train.LOSS_CURVE_FILE, train.CONFIG_FILE, train.EXPORT_DIR):
     assert os.path.exists(os.path.join(uninterrupted, name)), name
-
-  process = run_main(args + [f"--workdir={interrupted}"], env=env, wait=False)
-  metrics_path = os.path.join(interrupted, train.METRICS_FILE)
-  deadline = time.monotonic() + 300
-  while not (os.path.exists(metrics_path) and '"loss"' in open(metrics_path).read()):
-    assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
-    time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  output = process.communicate(timeout=300)[0]
-  assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
   stopped_at, = [int(step) for step in os.listdir(os.path.join(interrupted,
                                                                train.CHECKPOINT_DIR))]
   assert 1 <= stopped_at < 24 and f"stopped by SIGTERM after step {stopped_at}" in output

@@ -147,9 +147,10 @@ def resume_from(source, step, workdir):
 def runs(data_dir, environments, tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   one = str(root / "one_process")
-  train_run(one, data_dir, 1, environments, knn_every_steps=3)
+  train_run(one, data_dir, 1, environments)
   two = resume_from(one, 2, str(root / "two_processes"))
-  two_outputs = train_run(two, data_dir, 2, environments, knn_every_steps=3)
+  two_outputs = train_run(two, data_dir, 2, environments,
+                          knn_every_steps=3)  # k-NN features gathered from both processes
   back = resume_from(two, 4, str(root / "back_to_one_process"))
   train_run(back, data_dir, 1, environments)
   return one, two, back, two_outputs

@@ -4,8 +4,8 @@ Both sides run the same augmentation config (a `simclr_jax.augment` preset) on t
 CIFAR-10 images, held in memory as uint8 so neither side measures decoding, in the same process
 on the same CPU. The tf.data side is what the official SimCLR code does: a parallel `map` of
 per-image `tf.image` calls (sample_distorted_bounding_box crop + bicubic resize, random flip,
-colour jitter in random order, grayscale, depthwise-conv blur). The JAX side jits one function
-that vmaps `build_augmentation(...)` over a batch, with per-image keys derived as the trainer does.
+colour jitter in random order, grayscale, depthwise-conv blur). The JAX side jits the trainer's
+own `train.augment_views`: per-image keys, and `build_augmentation(...)` vmapped over the batch.
 Rounds alternate between the two; medians are reported, as images per wall-clock second and per
 CPU-second of this process (all its threads), which stays comparable when other jobs share the
 cores.
@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_jax import augment
+from simclr_jax import train
 
 TF_SUPPORTED_OPS = ("random_resized_crop", "flip", "color_jitter", "grayscale", "blur")
 
@@ -131,18 +132,10 @@ def tf_pass(images: np.ndarray, config, size: int, batch_size: int) -> int:
 
 
 def jax_two_views(config, size: int):
-  """jit(two views of a batch), keys per image from (step, global index) as in the trainer."""
+  """jit(the trainer's two views of a uint8 batch), keys from (step, global index)."""
   augment_view = augment.build_augmentation(config, size)
-
-  @jax.jit
-  def two_views(base_key, step, images, indices):
-    step_key = jax.random.fold_in(base_key, step)
-    keys = jax.vmap(lambda index: jax.random.split(jax.random.fold_in(step_key, index)))(indices)
-    first = jax.vmap(lambda key, image: augment_view(key, image, 0))(keys[:, 0], images)
-    second = jax.vmap(lambda key, image: augment_view(key, image, 1))(keys[:, 1], images)
-    return first, second
-
-  return two_views
+  return jax.jit(lambda base_key, step, images, indices: train.augment_views(
+      augment_view, images, indices, base_key, step))
 
 
 def jax_pass(two_views, images: np.ndarray, batch_size: int) -> int:
