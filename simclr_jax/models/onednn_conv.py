@@ -129,10 +129,11 @@ def _vary_alike(*values):
   """`values` cast to vary over the same mesh axes, as JAX does before any primitive inside
   `shard_map`. The cast's transpose sums the kernel's gradient over the data axis, so the
   callback itself sees one device's shard like any other primitive."""
-  axes = frozenset().union(*(jax.typeof(v).manual_axis_type.varying for v in values))
-  return tuple(
-      jax.lax.pcast(v, tuple(sorted(axes - jax.typeof(v).manual_axis_type.varying)), to="varying")
-      if axes - jax.typeof(v).manual_axis_type.varying else v for v in values)
+  varying = [jax.typeof(v).manual_axis_type.varying for v in values]
+  axes = frozenset().union(*varying)
+  missing = [tuple(sorted(axes - own)) for own in varying]
+  return tuple(jax.lax.pcast(v, axes_to_add, to="varying") if axes_to_add else v
+               for v, axes_to_add in zip(values, missing))
 
 
 def _is_supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
