@@ -32,7 +32,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.data_dir = ""             # '' = TFDS's default data_dir (~/tensorflow_datasets)
   config.train_split = "train"
   config.eval_split = "test"       # held-out split of the k-NN monitor
-  config.image_size = 32
+  config.image_size = 32           # side of the views (the device crops from the full image)
   config.host_crop_views = 0       # 0: the device crops both views; 2: the host crops them
   # Independent input streams the global batch is made of (0 = one per process). Fix it (e.g.
   # to the largest process count you will use) to get the same batches on any process layout.

@@ -474,9 +474,10 @@ def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
                           data_shards: int | None = None) -> Iterator[dict[str, jax.Array]]:
   """Endless global batches {'image', 'label', 'index'}, deterministic given (seed, start_step).
 
-  `image` is uint8 [B, H, W, 3] with host_crop_views == 0 (fixed-size datasets, resized only when
-  their size differs from image_size; the device crops) or [B, V, image_size, image_size, 3] with
-  V = host_crop_views random resized crops per image. `index` is the example's index in `split`.
+  `image` is uint8 [B, H, W, 3] with host_crop_views == 0 (fixed-size datasets at their own size
+  H x W: the device crops from the full image and resizes to image_size, as the official code
+  does) or [B, V, image_size, image_size, 3] with V = host_crop_views random resized crops per
+  image. `index` is the example's index in `split`.
   `data_shards` (default: the process count) fixes how the global batch is split into independent
   streams; runs with the same value give the same global batches on any number of processes that
   divides it.
@@ -513,11 +514,8 @@ def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
                for view in range(host_crop_views)]
       image = _random_resized_crops(image_bytes, seeds, image_size)
       image = tf.ensure_shape(image, [host_crop_views, image_size, image_size, 3])
-    else:
-      image = _decode_rgb(image_bytes)
-      if info.image_shape[:2] != (image_size, image_size):
-        image = _resize(image, image_size)
-      image = tf.ensure_shape(image, [image_size, image_size, 3])
+    else:  # full resolution: the device crops from it and resizes to image_size
+      image = tf.ensure_shape(_decode_rgb(image_bytes), info.image_shape[:2] + (3,))
     return {"image": image, "label": tf.cast(example["label"], tf.int32),
             "index": tf.cast(example["index"], tf.int32)}
 

@@ -92,13 +92,13 @@ def test_synthetic_shapes_is_generated_offline_deterministic_and_learnable(data_
 @pytest.mark.parametrize("host_crop_views", [0, 2])
 def test_batches_have_contract_shapes_and_are_identical_on_1_and_8_devices(
     data_dir, host_crop_views):
-  size = 32 if host_crop_views == 0 else 24
   batches = {}
   for num_devices in (8, 1):
-    iterator = _train(data_dir, host_crop_views=host_crop_views, image_size=size,
+    iterator = _train(data_dir, host_crop_views=host_crop_views, image_size=24,
                       mesh=_mesh(num_devices))
     batch = next(iterator)
-    image_shape = (64, size, size, 3) if host_crop_views == 0 else (64, 2, size, size, 3)
+    # without host crops the full 32 px images go to the device, which crops them to 24 px
+    image_shape = (64, 32, 32, 3) if host_crop_views == 0 else (64, 2, 24, 24, 3)
     for key, shape, dtype in [("image", image_shape, np.uint8), ("label", (64,), np.int32),
                               ("index", (64,), np.int32)]:
       assert batch[key].shape == shape and batch[key].dtype == dtype

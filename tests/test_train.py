@@ -162,9 +162,10 @@ def state_at(workdir, step):
 @pytest.fixture(scope="module")
 def finished_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  # 24 px views cropped on device from the 32 px images, as a low-resolution pretraining does
   config = smoke_config(data_dir, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3,
                         log_every_steps=2, knn_every_steps=2, knn_train_examples=128,
-                        knn_eval_examples=64)
+                        knn_eval_examples=64, image_size=24)
   return config, workdir, train.pretrain(config, workdir)
 
 
@@ -187,6 +188,7 @@ def test_pretrain_writes_metrics_checkpoints_export_and_results(finished_run):
   encoder = export.load_encoder(os.path.join(workdir, train.EXPORT_DIR))
   assert set(encoder.params) == {"encoder", "projection_head"}
   assert encoder.model_config.width_multiplier == config.model.width_multiplier
+  assert encoder.metadata["image_size"] == 24
   final = state_at(workdir, 4)
   jax.tree.map(np.testing.assert_array_equal, encoder.params["encoder"],
                final["params"]["encoder"])
