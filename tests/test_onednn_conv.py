@@ -1,4 +1,5 @@
-"""oneDNN convolution gradients (the CPU default) equal XLA's, and the backend choice is safe.
+"""oneDNN convolution gradients (the CPU default) equal XLA's, its bfloat16 convolutions equal
+float32 ones of bfloat16-rounded operands, and the backend choice is safe.
 
 Runs on CPU device 0 without collectives, which is safe in this 8-device process; the trainer
 test (test_train) runs the whole step with them on a one-device mesh.
@@ -77,6 +78,31 @@ def test_what_onednn_does_not_run_goes_to_xla_unchanged(dtype, kwargs):
     np.testing.assert_array_equal(grad, expected)
 
 
+def bfloat16_rounded(array):
+  return array.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bfloat16_backend_is_a_float32_conv_of_bfloat16_operands(case):
+  """'onednn_bf16' rounds the forward pass's and both gradients' operands to bfloat16 (as a TPU's
+  default precision does), accumulates in float32 and rounds each result to bfloat16."""
+  x_shape, kernel_shape, strides, padding = CASES[case]
+  x, kernel = random_inputs(x_shape, kernel_shape)
+  bf16_conv = onednn_conv.conv_function("onednn_bf16")
+  conv = lambda x, kernel: bf16_conv(x, kernel, strides, padding, dimension_numbers=NHWC)
+  assert "pure_callback" in str(jax.make_jaxpr(conv)(x, kernel))  # the forward pass is oneDNN's
+  y, vjp = jax.vjp(conv, x, kernel)
+  dy = jax.random.normal(jax.random.key(2), y.shape)
+  exact_conv = lambda x, kernel: jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=NHWC, precision=jax.lax.Precision.HIGHEST)
+  y_exact, vjp_exact = jax.vjp(exact_conv, bfloat16_rounded(x), bfloat16_rounded(kernel))
+  for result, exact in zip((y, *vjp(dy)), (y_exact, *vjp_exact(bfloat16_rounded(dy)))):
+    assert result.dtype == jnp.float32
+    assert np.abs(result - exact).max() <= 2**-8 * np.abs(exact).max()
+  y_float32 = exact_conv(x, kernel)  # the operands' rounding shows: this is not a float32 conv
+  assert np.abs(y - y_float32).max() > 1e-4 * np.abs(y_float32).max()
+
+
 def test_auto_picks_onednn_only_for_one_cpu_device_per_process():
   assert jax.default_backend() == "cpu"
   assert models.resolve_conv_backend("auto", 1) == "onednn"
@@ -87,24 +113,25 @@ def test_auto_picks_onednn_only_for_one_cpu_device_per_process():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: models.resolve_conv_backend("onednn", 8), "one device per process"),
+    (lambda: models.resolve_conv_backend("onednn_bf16", 2), "one device per process"),
     (lambda: models.resolve_conv_backend("mkl", 1), "allowed: auto, xla, onednn"),
     (lambda: models.create_model({"depth": 18, "width_multiplier": 1}, num_classes=2,
                                  conv_backend="auto"), "resolve 'auto' first"),
     (lambda: features.create_classifier({"depth": 18, "width_multiplier": 1}, num_classes=2,
-                                        conv_backend="mkl"), "'xla' or 'onednn'"),
+                                        conv_backend="mkl"), "'xla', 'onednn' or 'onednn_bf16'"),
 ])
 def test_bad_conv_backends_are_refused_with_what_to_use(call, message):
   with pytest.raises(ValueError, match=message):
     call()
 
 
-def test_finetuning_classifier_gets_the_same_gradients_from_either_backend():
+def test_finetuning_classifier_gets_the_same_gradients_from_each_backend():
   """The fine-tune / supervised model (features.Classifier), partly frozen as fine-tuning does."""
   model_config = {"depth": 18, "width_multiplier": 0.125, "cifar_stem": True}
   images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 3
   grads = {}
-  for backend in ("xla", "onednn"):
+  for backend in ("xla", "onednn", "onednn_bf16"):
     classifier = features.create_classifier(model_config, num_classes=3, conv_backend=backend)
     variables = classifier.init(jax.random.key(1), images, train=False)
 
@@ -117,3 +144,5 @@ def test_finetuning_classifier_gets_the_same_gradients_from_either_backend():
   frozen = grads["xla"]["encoder"]["block1_0"]
   assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(frozen))
   assert relative_distance(grads["onednn"], grads["xla"]) < 1e-5
+  # bfloat16 rounding, amplified by batch norm over 4 images; a wrong gradient would be O(1)
+  assert 1e-4 < relative_distance(grads["onednn_bf16"], grads["xla"]) < 5e-2

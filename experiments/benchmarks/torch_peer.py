@@ -1,15 +1,18 @@
-r"""The PyTorch peer of train_step.py: the same SimCLR step in plain PyTorch float32 on this CPU.
+r"""The PyTorch peer of train_step.py: the same SimCLR step in plain PyTorch on this CPU.
 
   /path/to/torch/venv/bin/python experiments/benchmarks/torch_peer.py --depth=18 \
-      --width_multiplier=0.25 --cifar_stem --image_size=32 --batch_size=64 --steps=2 --repeats=3
+      --width_multiplier=0.25 --cifar_stem --image_size=32 --batch_size=64 --steps=2 --repeats=3 \
+      [--precision=bfloat16]
 
 Runs in its own interpreter (torch stays out of the project's requirements: see
 requirements-torch.txt) and prints one JSON line with the best wall and process-CPU seconds per
 step. The network mirrors simclr_jax.models: ResNet v1.5 (basic blocks with a projection
 shortcut only where the shape changes, bottleneck stride on the 3x3), CIFAR stem or 7x7/max-pool
-stem, 2-layer projection head (Dense -> BN -> ReLU -> Dense -> BN, no dense biases), an online linear probe on detached h,
-NT-Xent over both views of the batch (batch norm over both views together, as the JAX step), and
-SGD with momentum 0.9 and weight decay. Only speed is compared, so inputs are random tensors.
+stem, 2-layer projection head (Dense -> BN -> ReLU -> Dense -> BN, no dense biases), an online
+linear probe on detached h, NT-Xent over both views of the batch (batch norm over both views
+together, as the JAX step), and SGD with momentum 0.9 and weight decay. Only speed is compared, so inputs are random tensors.
+Float32 by default; --precision=bfloat16 runs the forward pass under `torch.autocast` (convolutions
+and matmuls in bfloat16, parameters float32), the peer of conv_backend='onednn_bf16'.
 """
 import argparse
 import json
@@ -114,6 +117,7 @@ def main(argv) -> None:
   parser.add_argument("--num_classes", type=int, default=10)
   parser.add_argument("--steps", type=int, default=2, help="steps per timed window")
   parser.add_argument("--repeats", type=int, default=3, help="timed windows; the best is kept")
+  parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--warmup", type=int, default=3,
                       help="untimed steps first: eager PyTorch needs a few (oneDNN primitive "
                       "creation, allocator caches) before its step time settles")
@@ -128,9 +132,10 @@ def main(argv) -> None:
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    z, probe_logits = model(views)
-    z1, z2 = z.chunk(2)
-    loss = nt_xent(z1, z2, temperature=0.5) + F.cross_entropy(probe_logits, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bfloat16"):
+      z, probe_logits = model(views)
+      z1, z2 = z.chunk(2)
+      loss = nt_xent(z1, z2, temperature=0.5) + F.cross_entropy(probe_logits, labels)
     loss.backward()
     optimizer.step()
     return loss.item()

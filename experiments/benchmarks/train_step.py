@@ -1,24 +1,27 @@
 r"""Pretraining step speed against this machine's float32 matmul ceiling and a PyTorch peer.
 
   python experiments/benchmarks/train_step.py [--widths=0.25,0.5,1] [--batch_size=64]
-      [--steps=2] [--repeats=3] [--resnet50] [--conv_backends=xla,onednn]
+      [--steps=2] [--repeats=3] [--resnet50] [--conv_backends=xla,onednn,onednn_bf16]
       [--torch_python=/path/to/venv/bin/python]
 
 For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
 builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
 the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('sgd') and no
 augmentation unless --augment names a preset) on one device, once per convolution backend
-(config.conv_backend: XLA's own convolutions, and oneDNN's gradients, the CPU default), and
+(config.conv_backend: XLA's own convolutions; oneDNN's gradients, the CPU default; oneDNN's
+bfloat16 convolutions, the cpu recipe's), and
 reports image pairs/s (per wall-clock and per CPU second of the process) and model FLOP/s: XLA's
 cost analysis of the compiled XLA-backend step (callbacks are not counted, so it is the count for
 every backend) divided by the measured step time. Two baselines are measured in the same run, so
 the ratios hold better on a loaded machine than absolute times:
   (a) the ceiling: a float32 square matmul under XLA (GFLOP/s = 2 n^3 / time);
-  (b) the peer: the same network, loss and optimizer in plain PyTorch float32 on the same CPU
+  (b) the peer: the same network, loss and optimizer in plain PyTorch on the same CPU
       (torch_peer.py, run with --torch_python, an interpreter that has torch: see
-      requirements-torch.txt). The peer's FLOP/s use the same XLA flop count.
+      requirements-torch.txt), in float32, and for 'onednn_bf16' rows under bfloat16 autocast.
+      The peer's FLOP/s use the same XLA flop count.
 Times are the best of --repeats windows of --steps steps after warm-up steps (one for the
-compiled JAX step, --torch_warmup for eager PyTorch; other processes only ever add time). Inputs are random: augmentation and input throughput are measured elsewhere.
+compiled JAX step, --torch_warmup for eager PyTorch; other processes only ever add time). Inputs
+are random: augmentation and input throughput are measured elsewhere.
 """
 import argparse
 import datetime
@@ -40,6 +43,8 @@ from simclr_jax import augment, models, optim, train  # noqa: E402
 
 NUM_CLASSES = 10
 TEMPERATURE = 0.5
+# The peer's precision for each JAX convolution backend (torch_peer.py --precision).
+PEER_PRECISION = {"xla": "float32", "onednn": "float32", "onednn_bf16": "bfloat16"}
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
 
 
@@ -126,12 +131,13 @@ def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, r
 
 
 def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_size: int,
-                  steps: int, repeats: int, warmup: int, omp_wait_policy: str) -> dict:
+                  steps: int, repeats: int, warmup: int, omp_wait_policy: str,
+                  precision: str) -> dict:
   """Runs torch_peer.py; `omp_wait_policy` ('' = OpenMP's default) is set for that process."""
   command = [torch_python, PEER_SCRIPT, f"--depth={config['depth']}",
              f"--width_multiplier={config['width_multiplier']}", f"--image_size={image_size}",
              f"--batch_size={batch_size}", f"--num_classes={NUM_CLASSES}", f"--steps={steps}",
-             f"--repeats={repeats}", f"--warmup={warmup}"] + (
+             f"--repeats={repeats}", f"--warmup={warmup}", f"--precision={precision}"] + (
                  ["--cifar_stem"] if config["cifar_stem"] else [])
   env = dict(os.environ)
   if omp_wait_policy:
@@ -166,7 +172,8 @@ def table(rows: list[dict], ceiling_gflops: float, has_peer: bool) -> str:
   header = ["model", "pairs/step", "JAX pairs/s", "JAX pairs/CPU-s", "JAX GFLOP/s",
             "JAX % of matmul"]
   if has_peer:
-    header += ["PyTorch pairs/s", "PyTorch pairs/CPU-s", "PyTorch % of matmul",
+    header += ["PyTorch precision", "PyTorch pairs/s", "PyTorch pairs/CPU-s",
+               "PyTorch % of matmul",
                "JAX / PyTorch (wall)", "JAX / PyTorch (CPU)"]
   lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
   for r in rows:
@@ -177,7 +184,8 @@ def table(rows: list[dict], ceiling_gflops: float, has_peer: bool) -> str:
              f"{100 * jax_gflops / ceiling_gflops:.0f}%"]
     if has_peer:
       torch_gflops = r["flops"] / r["torch_seconds"] / 1e9
-      cells += [_rate(batch / r["torch_seconds"]), _rate(batch / r["torch_cpu_seconds"]),
+      cells += [r["torch_precision"], _rate(batch / r["torch_seconds"]),
+                _rate(batch / r["torch_cpu_seconds"]),
                 f"{100 * torch_gflops / ceiling_gflops:.0f}%",
                 f"{r['torch_seconds'] / r['jax_seconds']:.2f}x",
                 f"{r['torch_cpu_seconds'] / r['jax_cpu_seconds']:.2f}x"]
@@ -197,7 +205,7 @@ def main(argv) -> None:
   parser.add_argument("--matmul_size", type=int, default=2048)
   parser.add_argument("--augment", default="none",
                       help="augmentation preset inside the JAX step (the peer never augments)")
-  parser.add_argument("--conv_backends", default="xla,onednn",
+  parser.add_argument("--conv_backends", default="xla,onednn,onednn_bf16",
                       help="convolution backends to time the JAX step with (config.conv_backend)")
   parser.add_argument("--torch_python", default="",
                       help="interpreter with torch for the PyTorch peer (omit to skip the peer)")
@@ -233,22 +241,26 @@ def main(argv) -> None:
              measure_jax(config, augment_preset=args.augment, conv_backend="xla",
                          **dict(timing, steps=1, repeats=1)))["flops"]
     if args.torch_python:
-      torch_result = measure_torch(args.torch_python, config, warmup=args.torch_warmup,
-                                   omp_wait_policy=args.torch_omp_wait_policy, **timing)
-      peer = (f"PyTorch {torch_result['torch']} with {torch_result['threads']} threads, "
+      peers = {precision: measure_torch(args.torch_python, config, warmup=args.torch_warmup,
+                                        omp_wait_policy=args.torch_omp_wait_policy,
+                                        precision=precision, **timing)
+               for precision in sorted({PEER_PRECISION[b] for b in conv_backends})}
+      any_peer = next(iter(peers.values()))
+      peer = (f"PyTorch {any_peer['torch']} with {any_peer['threads']} threads, "
               f"OMP_WAIT_POLICY={args.torch_omp_wait_policy or 'default'}")
     for backend, jax_result in jax_results.items():
       row = {"name": f"{name}, {backend} convs", "batch_size": batch_size, "flops": flops,
              "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
       if args.torch_python:
-        row["torch_seconds"] = torch_result["seconds"]
-        row["torch_cpu_seconds"] = torch_result["cpu_seconds"]
+        torch_result = peers[PEER_PRECISION[backend]]
+        row.update(torch_precision=PEER_PRECISION[backend], torch_seconds=torch_result["seconds"],
+                   torch_cpu_seconds=torch_result["cpu_seconds"])
       rows.append(row)
     print(f"measured {name}", file=sys.stderr, flush=True)
   ceilings.append(measure_matmul(args.matmul_size, args.repeats))
   ceiling = max(ceilings)
-  print(f"SimCLR pretraining step (simclr_jax.train.make_train_step, float32, SGD, NT-Xent + "
-        f"online probe, augment={args.augment!r}), jax {jax.__version__} "
+  print(f"SimCLR pretraining step (simclr_jax.train.make_train_step, float32 parameters, SGD, "
+        f"NT-Xent + online probe, augment={args.augment!r}), jax {jax.__version__} "
         f"on {jax.devices()[0].platform} x{os.cpu_count()} cores, "
         f"{datetime.date.today().isoformat()}. Ceiling: XLA float32 {args.matmul_size}^3 matmul "
         f"{ceiling:.0f} GFLOP/s (best of before/after: "

@@ -49,7 +49,7 @@ class SimCLRModel(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
   dtype: Any = jnp.float32
-  conv_backend: str = "xla"  # or 'onednn': see onednn_conv
+  conv_backend: str = "xla"  # or 'onednn', 'onednn_bf16': see onednn_conv
 
   def __post_init__(self):
     super().__post_init__()

@@ -1,14 +1,22 @@
-"""Convolution gradients from oneDNN (as shipped in TensorFlow), for training on the CPU backend.
+"""Convolutions from oneDNN (as shipped in TensorFlow), for training on the CPU backend.
 
 XLA's CPU convolutions compute the kernel gradient at 10-20% of the machine's matmul speed
 (experiments/results/conv_layers.md). The kernel gradient is a third of a training step's
 convolution work. oneDNN computes both gradients near matmul speed, and makes the ResNet-18
-pretraining step 1.5-2x faster (experiments/results/train_step.md). The forward pass stays XLA's,
-so inference and evaluation are unchanged. The backward pass is one host callback into
-TensorFlow's `Conv2DBackpropInput` and `Conv2DBackpropFilter` ops. On the CPU backend the arrays
-already live in host memory. On an accelerator every activation would cross to the host, so
-`resolve_conv_backend('auto')` picks this only on the CPU backend, with one device per process
-(see there).
+pretraining step 1.5-2x faster (experiments/results/train_step.md). Two backends:
+
+- 'onednn': float32. The forward pass stays XLA's, so inference and evaluation are unchanged; the
+  backward pass is one host callback into TensorFlow's `Conv2DBackpropInput` and
+  `Conv2DBackpropFilter` ops.
+- 'onednn_bf16': the forward pass and both gradients in oneDNN bfloat16, on CPUs with bfloat16
+  matrix units (AMX, AVX512-BF16), where they run 2-4x faster than in float32. Operands are
+  rounded to bfloat16, products summed in float32 and results rounded to bfloat16 (then returned
+  as float32), as a TPU's default precision does for float32 convolutions. Parameters, batch norm
+  and the loss stay float32. Without those units oneDNN emulates bfloat16, slower than 'onednn'.
+
+On the CPU backend the arrays already live in host memory. On an accelerator every activation
+would cross to the host, so `resolve_conv_backend('auto')` picks 'onednn' only on the CPU backend,
+with one device per process (see there); 'onednn_bf16' is chosen by name.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, which is what `nn.Conv` calls.
 It handles float32 NHWC/HWIO convolutions without dilation or groups, which covers every
@@ -21,12 +29,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-CONV_BACKENDS = ("auto", "xla", "onednn")
+CONV_BACKENDS = ("auto", "xla", "onednn", "onednn_bf16")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve_conv_backend(backend: str, devices_per_process: int) -> str:
-  """'xla' or 'onednn' for a computation over `devices_per_process` devices of each process.
+  """'xla', 'onednn' or 'onednn_bf16' for a computation over `devices_per_process` devices of
+  each process.
 
   'auto' picks oneDNN on the CPU backend with one device per process. Several CPU devices in one
   process (`--xla_force_host_platform_device_count`) cannot use it: each callback's arguments are
@@ -36,9 +45,9 @@ def resolve_conv_backend(backend: str, devices_per_process: int) -> str:
   if backend not in CONV_BACKENDS:
     raise ValueError(f"conv_backend={backend!r}; allowed: {', '.join(CONV_BACKENDS)}")
   one_cpu_device = jax.default_backend() == "cpu" and devices_per_process == 1
-  if backend == "onednn" and not one_cpu_device:
+  if backend in _CONVOLUTIONS and not one_cpu_device:
     raise ValueError(
-        f"conv_backend='onednn' needs the CPU backend and one device per process; this run has "
+        f"conv_backend={backend!r} needs the CPU backend and one device per process; this run has "
         f"{devices_per_process} {jax.default_backend()} device(s) per process. Use 'auto' or "
         "'xla'.")
   if backend == "auto":
@@ -53,10 +62,11 @@ def conv_function(backend: str) -> Callable | None:
   """
   if backend == "xla":
     return None
-  if backend != "onednn":
-    raise ValueError(f"conv backend {backend!r}: 'xla' or 'onednn' (resolve 'auto' first)")
+  if backend not in _CONVOLUTIONS:
+    raise ValueError(f"conv backend {backend!r}: 'xla', 'onednn' or 'onednn_bf16' (resolve 'auto' "
+                     "first)")
   _tf()
-  return conv_general_dilated
+  return _CONVOLUTIONS[backend]
 
 
 def _tf_arguments(strides, padding: str) -> dict:
@@ -90,6 +100,10 @@ def _tf():
   return tf
 
 
+def _forward_on_host(x, kernel, *, strides, padding):
+  return _tf().raw_ops.Conv2D(input=x, filter=kernel, **_tf_arguments(strides, padding)).numpy()
+
+
 def _backward_on_host(x, kernel, dy, *, strides, padding):
   tf = _tf()
   arguments = _tf_arguments(strides, padding)
@@ -100,26 +114,43 @@ def _backward_on_host(x, kernel, dy, *, strides, padding):
   return dx.numpy(), dkernel.numpy()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn_conv(x, kernel, strides, padding):
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                      dimension_numbers=_DIMENSION_NUMBERS)
+def _on_host(function, result_shapes, *args):
+  """`function(*args)` run on the host. Inside shard_map a callback's results come back typed as
+  device-invariant; they are this device's, so they are cast to vary like `args` (which
+  `_vary_alike` made alike; the last one stands for all)."""
+  results = jax.pure_callback(function, result_shapes, *args, vmap_method="sequential")
+  varying = tuple(sorted(jax.typeof(args[-1]).manual_axis_type.varying))
+  if not varying:
+    return results
+  return jax.tree.map(lambda r: jax.lax.pcast(r, varying, to="varying"), results)
 
 
-def _onednn_conv_forward(x, kernel, strides, padding):
-  return _onednn_conv(x, kernel, strides, padding), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_conv(x, kernel, strides, padding, compute_dtype):
+  if compute_dtype == jnp.float32:  # XLA's forward convolution is as fast as oneDNN's float32 one
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                        dimension_numbers=_DIMENSION_NUMBERS)
+  x, kernel = x.astype(compute_dtype), kernel.astype(compute_dtype)
+  shape = jax.eval_shape(functools.partial(jax.lax.conv_general_dilated, window_strides=strides,
+                                           padding=padding, dimension_numbers=_DIMENSION_NUMBERS),
+                         x, kernel)
+  y = _on_host(functools.partial(_forward_on_host, strides=strides, padding=padding), shape,
+               x, kernel)
+  return y.astype(jnp.float32)
 
 
-def _onednn_conv_backward(strides, padding, residuals, dy):
+def _onednn_conv_forward(x, kernel, strides, padding, compute_dtype):
+  residuals = (x.astype(compute_dtype), kernel.astype(compute_dtype))
+  return _onednn_conv(x, kernel, strides, padding, compute_dtype), residuals
+
+
+def _onednn_conv_backward(strides, padding, compute_dtype, residuals, dy):
   x, kernel = residuals
-  gradients = jax.pure_callback(
+  gradients = _on_host(
       functools.partial(_backward_on_host, strides=strides, padding=padding),
       (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)),
-      x, kernel, dy, vmap_method="sequential")
-  # Inside shard_map the callback's results come back typed as device-invariant; they are this
-  # device's gradients, varying like dy (and like x and kernel, which _vary_alike made alike).
-  varying = tuple(sorted(jax.typeof(dy).manual_axis_type.varying))
-  return tuple(jax.lax.pcast(g, varying, to="varying") for g in gradients) if varying else gradients
+      x, kernel, dy.astype(compute_dtype))
+  return tuple(g.astype(jnp.float32) for g in gradients)
 
 
 _onednn_conv.defvjp(_onednn_conv_forward, _onednn_conv_backward)
@@ -154,7 +185,7 @@ def _is_nhwc_hwio(lhs, rhs, dimension_numbers) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
-                         preferred_element_type=None):
+                         preferred_element_type=None, *, compute_dtype=jnp.float32):
   """`lax.conv_general_dilated`, run by oneDNN where it can be (see the module docstring)."""
   if preferred_element_type is None and _is_supported(
       lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
@@ -162,9 +193,13 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     strides = tuple(int(s) for s in window_strides)
     padding = tuple((int(low), int(high)) for low, high in padding)
     lhs, tf_padding = _as_same_or_valid(lhs, rhs, strides, padding)
-    return _onednn_conv(*_vary_alike(lhs, rhs), strides, tf_padding)
+    return _onednn_conv(*_vary_alike(lhs, rhs), strides, tf_padding, compute_dtype)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
       batch_group_count=batch_group_count, precision=precision,
       preferred_element_type=preferred_element_type)
+
+
+_CONVOLUTIONS = {"onednn": conv_general_dilated,
+                 "onednn_bf16": functools.partial(conv_general_dilated, compute_dtype=jnp.bfloat16)}
