@@ -10,7 +10,8 @@ step. The network mirrors simclr_jax.models: ResNet v1.5 (basic blocks with a pr
 shortcut only where the shape changes, bottleneck stride on the 3x3), CIFAR stem or 7x7/max-pool
 stem, 2-layer projection head (Dense -> BN -> ReLU -> Dense -> BN, no dense biases), an online
 linear probe on detached h, NT-Xent over both views of the batch (batch norm over both views
-together, as the JAX step), and SGD with momentum 0.9 and weight decay. Only speed is compared, so inputs are random tensors.
+together, as the JAX step), and SGD with momentum 0.9 and weight decay. Only speed is compared,
+so inputs are random tensors.
 Float32 by default; --precision=bfloat16 runs the forward pass under `torch.autocast` (convolutions
 and matmuls in bfloat16, parameters float32), the peer of conv_backend='onednn_bf16'.
 """
