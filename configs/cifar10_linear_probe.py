@@ -11,7 +11,7 @@ Variants (config.model must describe the export; a mismatch is an error naming t
      LR 0.1 * B / 256 with cosine decay, crop + flip, 100 epochs, frozen encoder.
   `r18_lbfgs`: the transfer protocol (eval-crop features once, L-BFGS logistic regression, L2 from
      45 log-spaced values in [1e-6, 1e5] chosen on 20% of train).
-  `cpu`: the ResNet-18 at width 1/4 of cifar10_pretrain.py:cpu, L-BFGS protocol (minutes on a CPU).
+  `cpu`: the ResNet-18 at width 1/2 of cifar10_pretrain.py:cpu, L-BFGS protocol (minutes on a CPU).
   `smoke`: tiny, on the generated synthetic_shapes dataset (pair it with cifar10_pretrain.py:smoke).
 Both protocols also report the weighted k-NN top-1 (k=200, T=0.1) of the same features.
 """
