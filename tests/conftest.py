@@ -4,6 +4,10 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests compile far more than they run (tiny models, a few steps each): XLA's cheapest compile
+# (LLVM -O0, no expensive passes) makes the suite ~25% faster. Results differ from the optimised
+# build's only by float rounding. Subprocesses the tests launch inherit it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import tensorflow as tf  # noqa: E402

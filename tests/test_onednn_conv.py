@@ -4,6 +4,8 @@ float32 ones of bfloat16-rounded operands, and the backend choice is safe.
 Runs on CPU device 0 without collectives, which is safe in this 8-device process; the trainer
 test (test_train) runs the whole step with them on a one-device mesh.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,9 +133,11 @@ def test_finetuning_classifier_gets_the_same_gradients_from_each_backend():
   images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 3
   grads = {}
+  variables = jax.jit(functools.partial(
+      features.create_classifier(model_config, num_classes=3, conv_backend="xla").init,
+      train=False))(jax.random.key(1), images)  # the same variables for every backend
   for backend in ("xla", "onednn", "onednn_bf16"):
     classifier = features.create_classifier(model_config, num_classes=3, conv_backend=backend)
-    variables = classifier.init(jax.random.key(1), images, train=False)
 
     def loss(params):
       logits, _ = classifier.apply({**variables, "params": params}, images, train=True,

@@ -32,6 +32,11 @@ DATASET = "synthetic_shapes"
 # within this relative L2 distance of the 1-device value; the worst single leaf, a BN bias in a
 # near-degenerate channel, differs by up to ~3e-4 of its own scale.
 DEVICE_COUNT_RTOL = 3e-5
+# oneDNN's float32 convolution gradients against XLA's: also only the summation order differs, but
+# inside every convolution, not just in the reductions across devices. Measured after three LARS
+# steps: below 3e-5 with XLA's optimised build, 3.9e-5 with the tests' unoptimised one (conftest).
+# A wrong gradient is O(1).
+ONEDNN_FLOAT32_RTOL = 1e-4
 # oneDNN bfloat16 convolutions against XLA's float32 ones (each convolution's exactness is tested in
 # test_onednn_conv): losses and gradient norms agree to ~1e-3. After three LARS steps of this tiny
 # network, whose batch norm divides by the spread of a few 8-16-channel maps, the rounding moves
@@ -121,7 +126,7 @@ def test_three_steps_on_one_device_equal_three_steps_on_eight(one_and_eight_devi
 
 
 @pytest.mark.parametrize("backend, metric_rtol, state_rtol", [
-    ("onednn", DEVICE_COUNT_RTOL, DEVICE_COUNT_RTOL),  # float32: only the summation order differs
+    ("onednn", ONEDNN_FLOAT32_RTOL, ONEDNN_FLOAT32_RTOL),
     ("onednn_bf16", BFLOAT16_METRIC_RTOL, BFLOAT16_STATE_RTOL),
 ])
 def test_onednn_convolutions_train_like_xla_on_one_device(one_and_eight_devices, backend,
