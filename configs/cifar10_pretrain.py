@@ -57,8 +57,8 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """ResNet-18 at width 1/2, 24 px views, bfloat16 convolutions: 25 minutes on 2 CPU cores.
 
   Sized for this project's test machine: 2 cores with bfloat16 matrix units (Intel AMX), where
-  `conv_backend='onednn_bf16'` runs every convolution in oneDNN bfloat16 at 0.7-0.8 steps/s
-  (90-100 pairs/s) sustained: ~2.5 epochs in the budget. Without such units use
+  `conv_backend='onednn_bf16'` runs every convolution in oneDNN bfloat16 at 0.6-0.8 steps/s
+  (80-100 pairs/s) sustained: 2.3-2.9 epochs in the budget. Without such units use
   `--config.conv_backend=auto --config.model.width_multiplier=0.25 --config.num_epochs=4.4`,
   which probed 2-5 points lower (experiments/results/cifar10_cpu_25min.md, with all runs below).
   A small batch, so the paper's square-root scaling (0.075 * sqrt(B)) rather than linear. tau =
@@ -67,8 +67,8 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   device from the full 32 px images: they take ~0.7x the time of 32 px ones, and a crop of the
   mean area (0.6) shown at 24 px has its objects at about the size the probe sees in a whole
   32 px image (+2-3 points at width 1/4). The cosine schedule is longer than the budget allows:
-  cut at 2.6-2.9 of its 3.8 epochs it probed 59.8% and 61.3% (seeds 0 and 1), against 58.0% for
-  a 2.5-epoch schedule that ended inside the budget (seed 0).
+  cut at 2.3-2.9 of its 3.8 epochs it probed 59.8%, 61.3% and 59.7% (seeds 0, 1, 2), against
+  58.0% for a 2.5-epoch schedule that ended inside the budget (seed 0).
   """
   config.augment.random_resized_crop.area_min = 0.2
   config.image_size = 24
