@@ -96,15 +96,16 @@ def _saturation_and_hue_planes(red, green, blue, saturation, hue):
   planes, same value. The two commute (both keep V and touch only S or H), so one pass does both.
 
   Every channel is `minimum + chroma * piece(hue sextant)`: saturation scales the chroma (at
-  most V), hue shifts the sextant.
+  most V), hue shifts the sextant. The sextant ends in a division, which XLA does not copy into
+  each of its consumers, so it is computed once per pass instead of once per output plane (the
+  jitter ran 3-10% faster than with a multiplication by 1 / chroma, in three A/B timings).
   """
   value = jnp.maximum(jnp.maximum(red, green), blue)
   minimum = jnp.minimum(jnp.minimum(red, green), blue)
   chroma = value - minimum
-  inverse_chroma = 1.0 / jnp.where(chroma > 0, chroma, 1.0)
-  sextant = jnp.where(value == green, (blue - red) * inverse_chroma + 2.0,
-                      (red - green) * inverse_chroma + 4.0)
-  sextant = jnp.where(value == red, (green - blue) * inverse_chroma, sextant)
+  numerator = jnp.where(value == green, blue - red + 2.0 * chroma, red - green + 4.0 * chroma)
+  numerator = jnp.where(value == red, green - blue, numerator)
+  sextant = numerator / jnp.where(chroma > 0, chroma, 1.0)
   sextant = sextant + 6.0 * hue
   sextant -= 6.0 * jnp.floor(sextant / 6.0)  # wrap to [0, 6); jnp.mod is 3x slower on CPU
   chroma = jnp.minimum(chroma * saturation, value)

@@ -307,12 +307,19 @@ def test_cpu_supervised_recipe_is_the_baseline_of_the_cpu_pretraining():
   assert supervised.augment == augment.get_preset("crop_flip")
   assert supervised.optimizer.nesterov and supervised.optimizer.weight_decay == 5e-4
   assert supervised.conv_backend == pretraining.conv_backend
-  # The schedule was sized for an estimated ~175 images/s (oneDNN bfloat16 convolutions), at
-  # which it ends inside the budget with evaluations on the way. The run measured 97 images/s, so
-  # the budget cuts it, as the config's docstring says.
-  steps = optim.steps_from_epochs(supervised.num_epochs, 50_000, supervised.global_batch_size)
-  assert steps * supervised.global_batch_size / 175 / 60 < supervised.max_train_minutes == 25
-  assert steps // supervised.eval_every_steps >= 2
+  # Both runs get the same 25 minutes, and in both the budget, not the schedule, ends the run: at
+  # the fastest rates measured on 2 cores (supervised 97 images/s, pretraining 101 pairs/s; see
+  # experiments/results/cifar10_cpu_25min.md) each schedule is longer than the budget covers. The
+  # supervised run still evaluates on the way.
+  assert supervised.max_train_minutes == pretraining.max_train_minutes == 25
+
+  def steps_in_budget(config, measured_examples_per_second):
+    return config.max_train_minutes * 60 * measured_examples_per_second // config.global_batch_size
+
+  for config, measured_examples_per_second in ((supervised, 97), (pretraining, 101)):
+    steps = optim.steps_from_epochs(config.num_epochs, 50_000, config.global_batch_size)
+    assert steps_in_budget(config, measured_examples_per_second) < steps
+  assert steps_in_budget(supervised, 97) // supervised.eval_every_steps >= 2
 
 
 def test_frozen_check_catches_a_changed_encoder():

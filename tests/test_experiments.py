@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from simclr_jax.models import onednn_conv
+
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")
 
@@ -30,6 +32,7 @@ sweep = _load("sweep", os.path.join(EXPERIMENTS, "sweep.py"))
 aggregate = _load("aggregate", os.path.join(EXPERIMENTS, "aggregate.py"))
 ntxent_memory = _load("ntxent_memory", os.path.join(EXPERIMENTS, "benchmarks", "ntxent_memory.py"))
 train_step = _load("train_step", os.path.join(EXPERIMENTS, "benchmarks", "train_step.py"))
+conv_layers = _load("conv_layers", os.path.join(EXPERIMENTS, "benchmarks", "conv_layers.py"))
 
 PRETRAIN_CONFIG = """
 import ml_collections
@@ -379,3 +382,15 @@ def test_train_step_benchmark_runs_the_trainer_step_and_counts_its_flops():
 def test_train_step_benchmark_rejects_an_interpreter_without_torch():
   with pytest.raises(ValueError, match="cannot import torch"):
     train_step.check_torch_python(sys.executable)
+  with pytest.raises(ValueError, match="cannot import torch"):
+    conv_layers.torch_rows(sys.executable, [(4, 4)], batch=2, dtype="float32", repeats=1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_conv_layers_benchmark_times_every_pass_of_every_backend(dtype):
+  onednn_conv.conv_function("onednn")  # TensorFlow must be imported before the first callback
+  gflops = conv_layers.layer_row(2, 4, 4, 1, jax.numpy.dtype(dtype))
+  passes = {"xla fwd", "xla dx", "xla dk", "im2col fwd", "im2col dk", "saved-patches dk",
+            "onednn dx+dk"} | ({"onednn fwd"} if dtype == "bfloat16" else set())
+  assert set(gflops) == passes
+  assert all(np.isfinite(value) and value > 0 for value in gflops.values())

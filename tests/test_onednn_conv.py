@@ -105,6 +105,23 @@ def test_bfloat16_backend_is_a_float32_conv_of_bfloat16_operands(case):
   assert np.abs(y - y_float32).max() > 1e-4 * np.abs(y_float32).max()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_callbacks_hand_buffers_to_tensorflow_without_copying(dtype):
+  """Arguments reach TensorFlow as their own buffers and results come back as views, bit for
+  bit; what TensorFlow cannot use in place (here a NumPy array) is copied, with the same bits."""
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (4, 8, 8, 16), dtype),
+                     jax.devices()[0])
+  tensor = onednn_conv._to_tf(x)
+  back = onednn_conv._from_tf(tensor)
+  assert back.dtype == x.dtype
+  np.testing.assert_array_equal(back.view(np.uint8), np.asarray(x).view(np.uint8))
+  assert back.ctypes.data == x.unsafe_buffer_pointer()  # no copy either way
+  host = np.asarray(x)[:, 1:]  # not a jax.Array, not contiguous
+  copied = onednn_conv._from_tf(onednn_conv._to_tf(host))
+  np.testing.assert_array_equal(copied.view(np.uint8), np.ascontiguousarray(host).view(np.uint8))
+  assert copied.ctypes.data != host.ctypes.data
+
+
 def test_auto_picks_onednn_only_for_one_cpu_device_per_process():
   assert jax.default_backend() == "cpu"
   assert models.resolve_conv_backend("auto", 1) == "onednn"

@@ -1,19 +1,24 @@
 r"""Where the train step's time goes on CPU: each 3x3 conv of the CIFAR ResNet-18, by pass.
 
   python experiments/benchmarks/conv_layers.py [--width=0.25] [--batch_size=128] [--repeats=5]
-      [--dtype=float32|bfloat16]
+      [--dtype=float32|bfloat16] [--torch_python=/path/to/venv/bin/python]
 
 For every distinct 3x3 conv shape of the CIFAR-stem ResNet-18 at `--width` (stride 1, the bulk
 of its FLOPs) it times, jitted, the three passes of training: forward (y = x * k), input
 gradient (dx) and kernel gradient (dk), each as XLA's convolution and as the alternative a user
 would try first, im2col patches + one matmul (dk from saved patches too, the best case of a
-custom VJP that keeps them), and both gradients together from oneDNN
-(`simclr_jax.models.onednn_conv`, the CPU default; float32 only). All figures are GFLOP/s of
+custom VJP that keeps them), and oneDNN through `simclr_jax.models.onednn_conv` (host callbacks
+into TensorFlow): both gradients together in float32 (the CPU default, whose forward is XLA's),
+the forward and both gradients in bfloat16 (the 'onednn_bf16' backend). With --torch_python, the
+same convolutions in PyTorch (torch_peer.py --conv_layers), which calls oneDNN directly: the
+oneDNN columns against the PyTorch ones show what the callbacks cost. All figures are GFLOP/s of
 the convolution's 2*N*H*W*9*C*K (twice that for dx+dk), next to a matmul of the same dtype,
 machine and run (the ceiling), so the table reads as ratios.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -73,13 +78,33 @@ def layer_row(batch: int, size: int, channels: int, repeats: int, dtype) -> dict
                                        saved, dy, repeats=repeats),
   }
   flops = {name: gflop for name in timings}
-  if dtype == jnp.float32:
-    onednn = lambda x, k: onednn_conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
-                                                           dimension_numbers=DIMENSIONS)
-    timings["onednn dx+dk"] = best_seconds(jax.jit(lambda x, k, dy: jax.vjp(onednn, x, k)[1](dy)),
-                                           x, kernel, dy, repeats=repeats)
-    flops["onednn dx+dk"] = 2 * gflop
+  # The oneDNN backends take float32 operands; 'onednn_bf16' rounds them to bfloat16 itself.
+  onednn = lambda x, k: onednn_conv.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS, compute_dtype=dtype)
+  x32, kernel32, dy32 = (a.astype(jnp.float32) for a in (x, kernel, dy))
+  if dtype == jnp.bfloat16:
+    timings["onednn fwd"] = best_seconds(jax.jit(onednn), x32, kernel32, repeats=repeats)
+    flops["onednn fwd"] = gflop
+  timings["onednn dx+dk"] = best_seconds(jax.jit(lambda x, k, dy: jax.vjp(onednn, x, k)[1](dy)),
+                                         x32, kernel32, dy32, repeats=repeats)
+  flops["onednn dx+dk"] = 2 * gflop
   return {name: flops[name] / seconds for name, seconds in timings.items()}
+
+
+def torch_rows(torch_python: str, shapes, *, batch: int, dtype: str, repeats: int) -> list[dict]:
+  """GFLOP/s of the same convolutions in PyTorch (torch_peer.py --conv_layers), one per shape."""
+  from train_step import PEER_SCRIPT, check_torch_python  # pylint: disable=g-import-not-at-top
+  check_torch_python(torch_python)
+  command = [torch_python, PEER_SCRIPT, f"--batch_size={batch}", f"--precision={dtype}",
+             f"--repeats={repeats}",
+             "--conv_layers=" + ",".join(f"{size}:{channels}" for size, channels in shapes)]
+  completed = subprocess.run(command, capture_output=True, text=True, check=False)
+  if completed.returncode != 0:
+    raise RuntimeError(f"the PyTorch peer failed ({' '.join(command)}):\n{completed.stderr}")
+  layers = json.loads(completed.stdout.strip().splitlines()[-1])["layers"]
+  gflops = [2 * batch * layer["size"] ** 2 * 9 * layer["channels"] ** 2 / 1e9 for layer in layers]
+  return [{"pytorch fwd": g / layer["fwd"], "pytorch dx+dk": 2 * g / layer["dx+dk"]}
+          for g, layer in zip(gflops, layers)]
 
 
 def main():
@@ -88,6 +113,8 @@ def main():
   parser.add_argument("--batch_size", type=int, default=128, help="images through the conv")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--torch_python", default="",
+                      help="an interpreter with torch (requirements-torch.txt): adds PyTorch columns")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
   onednn_conv.conv_function("onednn")  # imports TensorFlow before any callback
@@ -99,6 +126,11 @@ def main():
             (8, max(1, round(256 * args.width))), (4, max(1, round(512 * args.width)))]
   rows = [(size, channels, layer_row(args.batch_size, size, channels, args.repeats, dtype))
           for size, channels in shapes]
+  if args.torch_python:
+    peer = torch_rows(args.torch_python, shapes, batch=args.batch_size, dtype=args.dtype,
+                      repeats=args.repeats)
+    rows = [(size, channels, {**gflops, **torch_gflops})
+            for (size, channels, gflops), torch_gflops in zip(rows, peer)]
   names = list(rows[0][2])
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch_size}, "
         f"width {args.width}, {args.dtype}; 2048^3 matmul ceiling: {ceiling:.0f} GFLOP/s\n")

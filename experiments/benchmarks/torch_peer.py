@@ -14,6 +14,10 @@ together, as the JAX step), and SGD with momentum 0.9 and weight decay. Only spe
 so inputs are random tensors.
 Float32 by default; --precision=bfloat16 runs the forward pass under `torch.autocast` (convolutions
 and matmuls in bfloat16, parameters float32), the peer of conv_backend='onednn_bf16'.
+
+With --conv_layers=SIZE:CHANNELS,... it times single stride-1 3x3 convolutions instead (the peer
+of conv_layers.py): the forward and the backward (input and kernel gradients together) of each,
+batch --batch_size images, channels-last, in --precision.
 """
 import argparse
 import json
@@ -108,6 +112,36 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
   return loss / 2
 
 
+def conv_layer_seconds(size: int, channels: int, *, batch: int, precision: str, repeats: int,
+                       warmup: int) -> dict:
+  """Best seconds of one 3x3 convolution's forward and of its backward (dx and dk)."""
+  dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+  channels_last = lambda t: t.to(dtype).contiguous(memory_format=torch.channels_last)
+  x = channels_last(torch.rand(batch, channels, size, size))
+  kernel = channels_last(torch.rand(channels, channels, 3, 3))
+  dy = channels_last(torch.rand(batch, channels, size, size))
+
+  def forward():
+    return F.conv2d(x, kernel, padding=1)
+
+  def backward():
+    return torch.ops.aten.convolution_backward(dy, x, kernel, None, [1, 1], [1, 1], [1, 1], False,
+                                               [0, 0], 1, [True, True, False])
+
+  def best(function):
+    for _ in range(warmup):
+      function()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      function()
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  with torch.no_grad():
+    return {"size": size, "channels": channels, "fwd": best(forward), "dx+dk": best(backward)}
+
+
 def main(argv) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--depth", type=int, default=18, choices=sorted(BLOCK_GROUPS))
@@ -122,7 +156,17 @@ def main(argv) -> None:
   parser.add_argument("--warmup", type=int, default=3,
                       help="untimed steps first: eager PyTorch needs a few (oneDNN primitive "
                       "creation, allocator caches) before its step time settles")
+  parser.add_argument("--conv_layers", default="",
+                      help="SIZE:CHANNELS,...: time these 3x3 convolutions instead of the step")
   args = parser.parse_args(argv)
+
+  if args.conv_layers:
+    layers = [tuple(int(n) for n in layer.split(":")) for layer in args.conv_layers.split(",")]
+    print(json.dumps({"layers": [conv_layer_seconds(
+        size, channels, batch=args.batch_size, precision=args.precision, repeats=args.repeats,
+        warmup=args.warmup) for size, channels in layers], "torch": torch.__version__,
+                      "threads": torch.get_num_threads()}))
+    return
 
   torch.manual_seed(0)
   model = SimCLRNet(args.depth, args.width_multiplier, args.cifar_stem, args.num_classes)
