@@ -16,9 +16,7 @@ the convolution's 2*N*H*W*9*C*K (twice that for dx+dk), next to a matmul of the 
 machine and run (the ceiling), so the table reads as ratios.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -28,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from simclr_jax.models import onednn_conv  # noqa: E402
+from train_step import PEER_SCRIPT, check_torch_python, run_peer  # noqa: E402
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -55,12 +54,17 @@ def patches(x):
   return jnp.concatenate(taps, axis=-1).reshape(n * h * w, 9 * c)
 
 
+def conv_gflop(batch: int, size: int, channels: int) -> float:
+  """GFLOP of one pass of a stride-1 3x3 conv, C -> C channels on size x size images."""
+  return 2 * batch * size * size * 9 * channels * channels / 1e9
+
+
 def layer_row(batch: int, size: int, channels: int, repeats: int, dtype) -> dict[str, float]:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((batch, size, size, channels)), dtype)
   kernel = jnp.asarray(rng.random((3, 3, channels, channels)), dtype)
   dy = jnp.asarray(rng.random((batch, size, size, channels)), dtype)
-  gflop = 2 * batch * size * size * 9 * channels * channels / 1e9
+  gflop = conv_gflop(batch, size, channels)
 
   def vjp_part(index):
     return jax.jit(lambda x, k, dy: jax.vjp(conv, x, k)[1](dy)[index])
@@ -93,18 +97,15 @@ def layer_row(batch: int, size: int, channels: int, repeats: int, dtype) -> dict
 
 def torch_rows(torch_python: str, shapes, *, batch: int, dtype: str, repeats: int) -> list[dict]:
   """GFLOP/s of the same convolutions in PyTorch (torch_peer.py --conv_layers), one per shape."""
-  from train_step import PEER_SCRIPT, check_torch_python  # pylint: disable=g-import-not-at-top
   check_torch_python(torch_python)
-  command = [torch_python, PEER_SCRIPT, f"--batch_size={batch}", f"--precision={dtype}",
-             f"--repeats={repeats}",
-             "--conv_layers=" + ",".join(f"{size}:{channels}" for size, channels in shapes)]
-  completed = subprocess.run(command, capture_output=True, text=True, check=False)
-  if completed.returncode != 0:
-    raise RuntimeError(f"the PyTorch peer failed ({' '.join(command)}):\n{completed.stderr}")
-  layers = json.loads(completed.stdout.strip().splitlines()[-1])["layers"]
-  gflops = [2 * batch * layer["size"] ** 2 * 9 * layer["channels"] ** 2 / 1e9 for layer in layers]
-  return [{"pytorch fwd": g / layer["fwd"], "pytorch dx+dk": 2 * g / layer["dx+dk"]}
-          for g, layer in zip(gflops, layers)]
+  layers = run_peer([torch_python, PEER_SCRIPT, f"--batch_size={batch}", f"--precision={dtype}",
+                     f"--repeats={repeats}", "--conv_layers=" + ",".join(
+                         f"{size}:{channels}" for size, channels in shapes)])["layers"]
+  rows = []
+  for layer in layers:
+    gflop = conv_gflop(batch, layer["size"], layer["channels"])
+    rows.append({"pytorch fwd": gflop / layer["fwd"], "pytorch dx+dk": 2 * gflop / layer["dx+dk"]})
+  return rows
 
 
 def main():
@@ -114,7 +115,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--torch_python", default="",
-                      help="an interpreter with torch (requirements-torch.txt): adds PyTorch columns")
+                      help="an interpreter with torch (requirements-torch.txt): adds PyTorch "
+                      "columns")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
   onednn_conv.conv_function("onednn")  # imports TensorFlow before any callback

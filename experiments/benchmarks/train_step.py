@@ -142,12 +142,17 @@ def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_siz
   env = dict(os.environ)
   if omp_wait_policy:
     env["OMP_WAIT_POLICY"] = omp_wait_policy
+  result = run_peer(command, env=env)
+  return {"seconds": result["seconds_per_step"], "cpu_seconds": result["cpu_seconds_per_step"],
+          "torch": result["torch"], "threads": result["threads"]}
+
+
+def run_peer(command: list[str], env: dict | None = None) -> dict:
+  """Runs a torch_peer.py command and returns the JSON line it prints last."""
   completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
   if completed.returncode != 0:
     raise RuntimeError(f"the PyTorch peer failed ({' '.join(command)}):\n{completed.stderr}")
-  result = json.loads(completed.stdout.strip().splitlines()[-1])
-  return {"seconds": result["seconds_per_step"], "cpu_seconds": result["cpu_seconds_per_step"],
-          "torch": result["torch"], "threads": result["threads"]}
+  return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def check_torch_python(torch_python: str) -> None:
