@@ -111,7 +111,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict, *, num_devices: 
   augment.validate(config.augment)
   require(config.dtype in COMPUTE_DTYPES,
           f"dtype={config.dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
-  models.resolve_conv_backend(config.conv_backend, num_devices // jax.process_count())
+  models.resolve_conv_backend(config.conv_backend)
   require(config.image_size > 0, f"image_size={config.image_size} must be positive")
   require(config.host_crop_views in HOST_CROP_VIEW_CHOICES,
           f"host_crop_views={config.host_crop_views}; allowed: {HOST_CROP_VIEW_CHOICES}")
@@ -653,8 +653,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
 
   model = models.create_model(config.model, num_classes=info.num_classes, axis_name=DATA_AXIS,
                               dtype=COMPUTE_DTYPES[config.dtype],
-                              conv_backend=models.resolve_conv_backend(
-                                  config.conv_backend, len(mesh.local_devices)))
+                              conv_backend=models.resolve_conv_backend(config.conv_backend))
   schedule = optim.learning_rate_schedule(
       config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
       global_batch_size=config.global_batch_size, total_steps=total_steps,

@@ -1,7 +1,7 @@
 """The command line: recipes, config errors, and a real run that is preempted and resumed.
 
-The end-to-end test launches `python -m simclr_jax.main` as a user would on a CPU (one device,
-so `conv_backend='auto'` is oneDNN) three times: uninterrupted and stopped by SIGTERM, side by
+The end-to-end test launches `python -m simclr_jax.main` as a user would on a CPU (one device;
+`conv_backend='auto'` is oneDNN) three times: uninterrupted and stopped by SIGTERM, side by
 side, then restarted; the restarted run must end bitwise equal to the uninterrupted one. The runs
 share a persistent XLA compilation cache, so the restart compiles nothing.
 """
@@ -56,7 +56,7 @@ def run_main(args, *, env, wait=True, output=subprocess.PIPE):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  """The CLI as users run it on a CPU: one device, so conv_backend 'auto' picks oneDNN."""
+  """The CLI as users run it on a laptop CPU: one device."""
   cache = str(tmp_path_factory.mktemp("xla_cache"))
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_COMPILATION_CACHE_DIR=cache,
@@ -77,9 +77,7 @@ def test_every_recipe_variant_is_a_valid_config(recipe, variant, data_dir):
     info = input_pipeline.DatasetInfo(name=config.dataset, num_classes=10, class_names=(),
                                       split_sizes=dict.fromkeys(splits, 50_000),
                                       image_shape=None)
-  # The CPU recipes' oneDNN convolutions run on one device per process (refused on 8: tested).
-  num_devices = 1 if config.conv_backend.startswith("onednn") else 8
-  train.validate_pretrain_config(config, num_devices=num_devices, dataset_info=info)
+  train.validate_pretrain_config(config, num_devices=8, dataset_info=info)
 
 
 def test_recipes_carry_the_official_numbers():
@@ -155,7 +153,7 @@ def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_d
     reference_log.seek(0)
     reference_output = reference_log.read()
   assert reference.returncode == 0, reference_output[-3000:]
-  assert "onednn convolutions" in reference_output  # the CPU default with one device
+  assert "onednn convolutions" in reference_output  # the CPU default
   with open(os.path.join(uninterrupted, train.RESULTS_FILE)) as f:
     results = json.load(f)
   assert results["step"] == 24 and np.isfinite(results["loss"])

@@ -1,10 +1,11 @@
-"""oneDNN convolution gradients (the CPU default) equal XLA's, its bfloat16 convolutions equal
-float32 ones of bfloat16-rounded operands, and the backend choice is safe.
-
-Runs on CPU device 0 without collectives, which is safe in this 8-device process; the trainer
-test (test_train) runs the whole step with them on a one-device mesh.
+"""oneDNN convolutions (the CPU default) equal XLA's, its bfloat16 ones equal float32 convolutions
+of bfloat16-rounded operands, inside `shard_map` on 8 devices as on one, and what cannot run is
+refused or falls back to XLA with the reason.
 """
 import functools
+import logging
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,33 +15,26 @@ import pytest
 
 from simclr_jax import features
 from simclr_jax import models
+from simclr_jax import native
 from simclr_jax.models import onednn_conv
 from tests.helpers import relative_distance
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-# Every padding route: equal to TF's SAME, none (VALID), symmetric with stride 2 (padded by
-# jnp.pad first), TF's own asymmetric SAME, and the ImageNet stem.
+# Every padding oneDNN is given: symmetric, none, TF's asymmetric SAME, the ImageNet stem,
+# uneven sides and strides.
 CASES = {
-    "3x3/1 symmetric = SAME": ((4, 8, 8, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
-    "1x1/2 VALID": ((4, 8, 8, 6), (1, 1, 6, 4), (2, 2), ((0, 0), (0, 0))),
-    "3x3/2 symmetric, padded first": ((4, 8, 8, 6), (3, 3, 6, 4), (2, 2), ((1, 1), (1, 1))),
+    "3x3/1 symmetric": ((4, 8, 8, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
+    "1x1/2 none": ((4, 8, 8, 6), (1, 1, 6, 4), (2, 2), ((0, 0), (0, 0))),
+    "3x3/2 symmetric": ((4, 8, 8, 6), (3, 3, 6, 4), (2, 2), ((1, 1), (1, 1))),
     "3x3/2 TF SAME (0, 1)": ((2, 8, 8, 4), (3, 3, 4, 4), (2, 2), ((0, 1), (0, 1))),
     "7x7/2 stem on 15 px": ((2, 15, 15, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),
     "uneven sides": ((2, 9, 6, 4), (3, 1, 4, 4), (1, 2), ((2, 0), (0, 0))),
 }
 
 
-def conv_loss(conv, x, kernel, weights, strides, padding, **kwargs):
-  y = conv(x, kernel, strides, padding, dimension_numbers=NHWC, **kwargs)
-  return jnp.sum(y * weights)
-
-
-def value_and_grads(conv, x, kernel, strides, padding, **kwargs):
-  weights = jax.random.normal(jax.random.key(2), jax.eval_shape(
-      lambda: jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC,
-                                           **kwargs)).shape, x.dtype)
-  fn = lambda x, kernel: conv_loss(conv, x, kernel, weights, strides, padding, **kwargs)
-  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(x, kernel), fn
+def exact_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC,
+                                      precision=jax.lax.Precision.HIGHEST)
 
 
 def random_inputs(x_shape, kernel_shape, dtype=jnp.float32):
@@ -48,18 +42,54 @@ def random_inputs(x_shape, kernel_shape, dtype=jnp.float32):
   return x, jax.random.normal(jax.random.key(1), kernel_shape, dtype)
 
 
+def output_and_gradients(conv, x, kernel, dy):
+  """y = conv(x, kernel) and the gradients (dx, dkernel) of <y, dy>, jitted."""
+  def run(x, kernel, dy):
+    y, vjp = jax.vjp(conv, x, kernel)
+    return (y, *vjp(dy))
+  return jax.jit(run)(x, kernel, dy)
+
+
+def assert_close(results, expected, rtol):
+  for name, result, exact in zip(("y", "dx", "dkernel"), results, expected):
+    assert result.dtype == jnp.float32, name
+    error = float(np.abs(result - exact).max() / np.abs(exact).max())
+    assert error <= rtol, f"{name}: max error {error:.1e} of the largest value"
+
+
+def calls_onednn(function, *args) -> bool:
+  return "simclr_conv_" in str(jax.make_jaxpr(function)(*args))
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_gradients_equal_xla_in_every_padding_route(case):
+def test_float32_passes_equal_xla(case):
   x_shape, kernel_shape, strides, padding = CASES[case]
   x, kernel = random_inputs(x_shape, kernel_shape)
-  (value, (dx, dkernel)), fn = value_and_grads(onednn_conv.conv_general_dilated, x, kernel,
-                                               strides, padding)
-  (value_xla, (dx_xla, dkernel_xla)), _ = value_and_grads(jax.lax.conv_general_dilated, x,
-                                                          kernel, strides, padding)
-  assert "pure_callback" in str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, kernel))
-  np.testing.assert_array_equal(value, value_xla)  # the forward pass is XLA's own
-  for grad, expected in ((dx, dx_xla), (dkernel, dkernel_xla)):
-    assert np.abs(grad - expected).max() <= 1e-5 * np.abs(expected).max()
+  conv = functools.partial(models.conv_function("onednn"), window_strides=strides,
+                           padding=padding, dimension_numbers=NHWC)
+  dy = jax.random.normal(jax.random.key(2), jax.eval_shape(conv, x, kernel).shape)
+  assert calls_onednn(jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), (0, 1)), x, kernel)
+  expected = output_and_gradients(
+      lambda x, k: exact_conv(x, k, strides, padding), x, kernel, dy)
+  assert_close(output_and_gradients(conv, x, kernel, dy), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bfloat16_backend_is_a_float32_conv_of_bfloat16_operands(case):
+  """'onednn_bf16' rounds each pass's operands to bfloat16 (as a TPU's default precision does)
+  and sums the products in float32; results are float32, not rounded again."""
+  x_shape, kernel_shape, strides, padding = CASES[case]
+  x, kernel = random_inputs(x_shape, kernel_shape)
+  conv = functools.partial(models.conv_function("onednn_bf16"), window_strides=strides,
+                           padding=padding, dimension_numbers=NHWC)
+  dy = jax.random.normal(jax.random.key(2), jax.eval_shape(conv, x, kernel).shape)
+  rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  expected = output_and_gradients(lambda x, k: exact_conv(x, k, strides, padding), rounded(x),
+                                  rounded(kernel), rounded(dy))
+  results = output_and_gradients(conv, x, kernel, dy)
+  assert_close(results, expected, rtol=1e-6)
+  y_float32 = exact_conv(x, kernel, strides, padding)  # the rounding shows: not a float32 conv
+  assert np.abs(results[0] - y_float32).max() > 1e-4 * np.abs(y_float32).max()
 
 
 @pytest.mark.parametrize("dtype, kwargs", [
@@ -70,70 +100,62 @@ def test_gradients_equal_xla_in_every_padding_route(case):
 def test_what_onednn_does_not_run_goes_to_xla_unchanged(dtype, kwargs):
   x, kernel = random_inputs((2, 8, 8, 4), (3, 3, 4 // kwargs.get("feature_group_count", 1), 4),
                             dtype)
-  (value, grads), fn = value_and_grads(onednn_conv.conv_general_dilated, x, kernel, (1, 1),
-                                       ((1, 1), (1, 1)), **kwargs)
-  (value_xla, grads_xla), _ = value_and_grads(jax.lax.conv_general_dilated, x, kernel, (1, 1),
-                                              ((1, 1), (1, 1)), **kwargs)
-  assert "pure_callback" not in str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, kernel))
-  np.testing.assert_array_equal(value, value_xla)
-  for grad, expected in zip(grads, grads_xla):
-    np.testing.assert_array_equal(grad, expected)
+  conv = lambda lax_conv: (lambda x, k: jnp.sum(lax_conv(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                         dimension_numbers=NHWC, **kwargs)))
+  onednn = conv(onednn_conv.conv_general_dilated)
+  assert not calls_onednn(jax.grad(onednn, (0, 1)), x, kernel)
+  value_and_grads = jax.jit(jax.value_and_grad(onednn, (0, 1)))(x, kernel)
+  expected = jax.jit(jax.value_and_grad(conv(jax.lax.conv_general_dilated), (0, 1)))(x, kernel)
+  jax.tree.map(np.testing.assert_array_equal, value_and_grads, expected)
 
 
-def bfloat16_rounded(array):
-  return array.astype(jnp.bfloat16).astype(jnp.float32)
+@pytest.mark.parametrize("backend", ["onednn", "onednn_bf16"])
+def test_eight_devices_in_shard_map_equal_one(backend):
+  """Each device convolves its own shard; the kernel's gradient is summed over devices, as for
+  XLA's convolutions (global batch norm and the trainer: test_train)."""
+  x, kernel = random_inputs((16, 8, 8, 4), (3, 3, 4, 6))
+  conv = models.conv_function(backend)
+  loss = lambda x, k: jnp.sum(jnp.tanh(conv(x, k, (2, 2), ((1, 1), (1, 1)),
+                                            dimension_numbers=NHWC)))
+  mesh = jax.make_mesh((8,), ("data",))
+  sharded_grads = jax.jit(jax.shard_map(
+      jax.grad(loss, (0, 1)), mesh=mesh, in_specs=(jax.P("data"), jax.P()),
+      out_specs=(jax.P("data"), jax.P())))
+  x_sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
+  kernel_replicated = jax.device_put(kernel, jax.NamedSharding(mesh, jax.P()))
+  dx, dkernel = sharded_grads(x_sharded, kernel_replicated)
+  dx_1, dkernel_1 = jax.jit(jax.grad(loss, (0, 1)))(x, kernel)
+  np.testing.assert_allclose(dx, dx_1, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dkernel, dkernel_1, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bfloat16_backend_is_a_float32_conv_of_bfloat16_operands(case):
-  """'onednn_bf16' rounds the forward pass's and both gradients' operands to bfloat16 (as a TPU's
-  default precision does), accumulates in float32 and rounds each result to bfloat16."""
-  x_shape, kernel_shape, strides, padding = CASES[case]
-  x, kernel = random_inputs(x_shape, kernel_shape)
-  bf16_conv = onednn_conv.conv_function("onednn_bf16")
-  conv = lambda x, kernel: bf16_conv(x, kernel, strides, padding, dimension_numbers=NHWC)
-  assert "pure_callback" in str(jax.make_jaxpr(conv)(x, kernel))  # the forward pass is oneDNN's
-  y, vjp = jax.vjp(conv, x, kernel)
-  dy = jax.random.normal(jax.random.key(2), y.shape)
-  exact_conv = lambda x, kernel: jax.lax.conv_general_dilated(
-      x, kernel, strides, padding, dimension_numbers=NHWC, precision=jax.lax.Precision.HIGHEST)
-  y_exact, vjp_exact = jax.vjp(exact_conv, bfloat16_rounded(x), bfloat16_rounded(kernel))
-  for result, exact in zip((y, *vjp(dy)), (y_exact, *vjp_exact(bfloat16_rounded(dy)))):
-    assert result.dtype == jnp.float32
-    assert np.abs(result - exact).max() <= 2**-8 * np.abs(exact).max()
-  y_float32 = exact_conv(x, kernel)  # the operands' rounding shows: this is not a float32 conv
-  assert np.abs(y - y_float32).max() > 1e-4 * np.abs(y_float32).max()
+def test_the_kernels_reject_other_dtypes_with_a_clear_error():
+  x, kernel = random_inputs((2, 4, 4, 3), (3, 3, 3, 2), jnp.float16)
+  with pytest.raises(Exception, match="operands must be F32 or BF16"):
+    jax.block_until_ready(jax.jit(lambda x, k: onednn_conv._call(
+        "simclr_conv_forward", (2, 4, 4, 2), x, k, strides=(1, 1),
+        padding=((1, 1), (1, 1))))(x, kernel))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_callbacks_hand_buffers_to_tensorflow_without_copying(dtype):
-  """Arguments reach TensorFlow as their own buffers and results come back as views, bit for
-  bit; what TensorFlow cannot use in place (here a NumPy array) is copied, with the same bits."""
-  x = jax.device_put(jax.random.normal(jax.random.key(0), (4, 8, 8, 16), dtype),
-                     jax.devices()[0])
-  tensor = onednn_conv._to_tf(x)
-  back = onednn_conv._from_tf(tensor)
-  assert back.dtype == x.dtype
-  np.testing.assert_array_equal(back.view(np.uint8), np.asarray(x).view(np.uint8))
-  assert back.ctypes.data == x.unsafe_buffer_pointer()  # no copy either way
-  host = np.asarray(x)[:, 1:]  # not a jax.Array, not contiguous
-  copied = onednn_conv._from_tf(onednn_conv._to_tf(host))
-  np.testing.assert_array_equal(copied.view(np.uint8), np.ascontiguousarray(host).view(np.uint8))
-  assert copied.ctypes.data != host.ctypes.data
-
-
-def test_auto_picks_onednn_only_for_one_cpu_device_per_process():
+def test_auto_picks_onednn_on_the_cpu_backend():
   assert jax.default_backend() == "cpu"
-  assert models.resolve_conv_backend("auto", 1) == "onednn"
-  assert models.resolve_conv_backend("auto", 8) == "xla"
-  assert models.resolve_conv_backend("xla", 8) == "xla"
-  assert models.resolve_conv_backend("onednn", 1) == "onednn"
+  assert models.resolve_conv_backend("auto") == "onednn"
+  assert models.resolve_conv_backend("xla") == "xla"
+  assert models.resolve_conv_backend("onednn_bf16") == "onednn_bf16"
+
+
+def test_without_the_kernels_auto_falls_back_to_xla_and_names_the_reason(monkeypatch, caplog):
+  reason = "no C++ compiler found"
+  monkeypatch.setattr(native, "onednn_conv_unavailable_reason", lambda: reason)
+  with caplog.at_level(logging.WARNING):
+    assert models.resolve_conv_backend("auto") == "xla"
+  assert reason in caplog.text
+  with pytest.raises(ValueError, match=re.escape(f"cannot run here: {reason}. Use 'auto' or 'xla'")):
+    models.resolve_conv_backend("onednn")
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: models.resolve_conv_backend("onednn", 8), "one device per process"),
-    (lambda: models.resolve_conv_backend("onednn_bf16", 2), "one device per process"),
-    (lambda: models.resolve_conv_backend("mkl", 1), "allowed: auto, xla, onednn"),
+    (lambda: models.resolve_conv_backend("mkl"), "allowed: auto, xla, onednn"),
     (lambda: models.create_model({"depth": 18, "width_multiplier": 1}, num_classes=2,
                                  conv_backend="auto"), "resolve 'auto' first"),
     (lambda: features.create_classifier({"depth": 18, "width_multiplier": 1}, num_classes=2,
@@ -142,6 +164,32 @@ def test_auto_picks_onednn_only_for_one_cpu_device_per_process():
 def test_bad_conv_backends_are_refused_with_what_to_use(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_a_failing_build_says_why_and_leaves_nothing_behind(monkeypatch, tmp_path):
+  monkeypatch.setenv("SIMCLR_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(native, "SOURCE_DIR", str(tmp_path))
+  (tmp_path / "broken.cc").write_text("this is not C++\n")
+  with pytest.raises(native.NativeUnavailable, match="building broken.cc failed"):
+    native._build("broken.cc", [])
+  assert os.listdir(tmp_path / "native") == []
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  monkeypatch.setenv("PATH", "")
+  with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler found"):
+    native._build("broken.cc", [])
+
+
+def test_the_build_is_cached_by_source(monkeypatch, tmp_path):
+  monkeypatch.setenv("SIMCLR_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(native, "SOURCE_DIR", str(tmp_path))
+  source = tmp_path / "answer.cc"
+  source.write_text('extern "C" int answer() { return 42; }\n')
+  first = native._build("answer.cc", [])
+  assert native._build("answer.cc", []) == first
+  source.write_text('extern "C" int answer() { return 43; }\n')
+  second = native._build("answer.cc", [])
+  assert second != first and sorted(os.listdir(tmp_path / "native")) == sorted(
+      os.path.basename(path) for path in (first, second))
 
 
 def test_finetuning_classifier_gets_the_same_gradients_from_each_backend():

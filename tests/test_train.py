@@ -32,16 +32,15 @@ DATASET = "synthetic_shapes"
 # within this relative L2 distance of the 1-device value; the worst single leaf, a BN bias in a
 # near-degenerate channel, differs by up to ~3e-4 of its own scale.
 DEVICE_COUNT_RTOL = 3e-5
-# oneDNN's float32 convolution gradients against XLA's: also only the summation order differs, but
-# inside every convolution, not just in the reductions across devices. Measured after three LARS
-# steps: below 3e-5 with XLA's optimised build, 3.9e-5 with the tests' unoptimised one (conftest).
-# A wrong gradient is O(1).
+# oneDNN's float32 convolutions on 8 devices against XLA's on one: also only the summation order
+# differs, but inside every convolution too. Measured after three LARS steps: 1.9e-6 (parameter
+# updates); other CPUs may get other oneDNN kernels, hence the margin. A wrong gradient is O(1).
 ONEDNN_FLOAT32_RTOL = 1e-4
 # oneDNN bfloat16 convolutions against XLA's float32 ones (each convolution's exactness is tested in
-# test_onednn_conv): losses and gradient norms agree to ~1e-3. After three LARS steps of this tiny
+# test_onednn_conv): losses and gradient norms agree to ~5e-3. After three LARS steps of this tiny
 # network, whose batch norm divides by the spread of a few 8-16-channel maps, the rounding moves
-# every parameter update by 10-50% of its own size (12% over all), within BFLOAT16_STATE_RTOL. A
-# wrong gradient (zero, transposed, of the wrong view) moves them by 100% or more.
+# the parameter updates by 10% over all, within BFLOAT16_STATE_RTOL. A wrong gradient (zero,
+# transposed, of the wrong view) moves them by 100% or more.
 BFLOAT16_METRIC_RTOL = 1e-2
 BFLOAT16_STATE_RTOL = 0.25
 
@@ -129,11 +128,12 @@ def test_three_steps_on_one_device_equal_three_steps_on_eight(one_and_eight_devi
     ("onednn", ONEDNN_FLOAT32_RTOL, ONEDNN_FLOAT32_RTOL),
     ("onednn_bf16", BFLOAT16_METRIC_RTOL, BFLOAT16_STATE_RTOL),
 ])
-def test_onednn_convolutions_train_like_xla_on_one_device(one_and_eight_devices, backend,
-                                                           metric_rtol, state_rtol):
-  """oneDNN's convolutions (the CPU default 'auto', and the cpu recipe's bfloat16) against XLA's."""
+def test_onednn_convolutions_on_eight_devices_train_like_xla_on_one(one_and_eight_devices, backend,
+                                                                    metric_rtol, state_rtol):
+  """oneDNN's convolutions (the CPU default 'auto', and the cpu recipe's bfloat16) on 8 devices
+  against XLA's on one."""
   config, (state_xla, metrics_xla, _, _, initial), _ = one_and_eight_devices
-  state, metrics, *_ = run_steps(config, sharding.create_mesh(jax.devices()[:1]), 3, backend)
+  state, metrics, *_ = run_steps(config, sharding.create_mesh(), 3, backend)
   for step_onednn, step_xla in zip(metrics, metrics_xla):
     for name in ("loss", "probe_loss", "grad_norm", "param_norm"):
       np.testing.assert_allclose(step_onednn[name], step_xla[name], rtol=metric_rtol)
@@ -352,7 +352,7 @@ def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ("optimizer__name", "adam", "optimizer.name"),
     ("optimizer__probe_learning_rate", -0.1, "probe_learning_rate"),
     ("max_train_minutes", -1.0, "max_train_minutes"),
-    ("conv_backend", "onednn", "one device per process"),  # this process has 8 CPU devices
+    ("conv_backend", "mkl", "allowed: auto, xla, onednn"),
 ])
 def test_bad_configs_fail_before_compiling(data_dir, tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):

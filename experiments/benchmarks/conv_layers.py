@@ -7,11 +7,11 @@ For every distinct 3x3 conv shape of the CIFAR-stem ResNet-18 at `--width` (stri
 of its FLOPs) it times, jitted, the three passes of training: forward (y = x * k), input
 gradient (dx) and kernel gradient (dk), each as XLA's convolution and as the alternative a user
 would try first, im2col patches + one matmul (dk from saved patches too, the best case of a
-custom VJP that keeps them), and oneDNN through `simclr_jax.models.onednn_conv` (host callbacks
-into TensorFlow): both gradients together in float32 (the CPU default, whose forward is XLA's),
-the forward and both gradients in bfloat16 (the 'onednn_bf16' backend). With --torch_python, the
-same convolutions in PyTorch (torch_peer.py --conv_layers), which calls oneDNN directly: the
-oneDNN columns against the PyTorch ones show what the callbacks cost. All figures are GFLOP/s of
+custom VJP that keeps them), and oneDNN through `simclr_jax.models.onednn_conv` (XLA FFI custom
+calls): the forward and both gradients together, in `--dtype` (float32: the 'onednn' backend, the
+CPU default; bfloat16: 'onednn_bf16'). With --torch_python, the same convolutions in PyTorch
+(torch_peer.py --conv_layers), which calls the same oneDNN kernels from eager code: the oneDNN
+columns against the PyTorch ones show what reaching them from XLA costs. All figures are GFLOP/s of
 the convolution's 2*N*H*W*9*C*K (twice that for dx+dk), next to a matmul of the same dtype,
 machine and run (the ceiling), so the table reads as ratios.
 """
@@ -86,9 +86,8 @@ def layer_row(batch: int, size: int, channels: int, repeats: int, dtype) -> dict
   onednn = lambda x, k: onednn_conv.conv_general_dilated(
       x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMENSIONS, compute_dtype=dtype)
   x32, kernel32, dy32 = (a.astype(jnp.float32) for a in (x, kernel, dy))
-  if dtype == jnp.bfloat16:
-    timings["onednn fwd"] = best_seconds(jax.jit(onednn), x32, kernel32, repeats=repeats)
-    flops["onednn fwd"] = gflop
+  timings["onednn fwd"] = best_seconds(jax.jit(onednn), x32, kernel32, repeats=repeats)
+  flops["onednn fwd"] = gflop
   timings["onednn dx+dk"] = best_seconds(jax.jit(lambda x, k, dy: jax.vjp(onednn, x, k)[1](dy)),
                                          x32, kernel32, dy32, repeats=repeats)
   flops["onednn dx+dk"] = 2 * gflop
@@ -119,7 +118,6 @@ def main():
                       "columns")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
-  onednn_conv.conv_function("onednn")  # imports TensorFlow before any callback
 
   square = jnp.ones((2048, 2048), dtype)
   ceiling = 2 * 2048 ** 3 / 1e9 / best_seconds(jax.jit(lambda a: a @ a), square,

@@ -8,10 +8,10 @@ For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a Res
 builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
 the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('sgd') and no
 augmentation unless --augment names a preset) on one device, once per convolution backend
-(config.conv_backend: XLA's own convolutions; oneDNN's gradients, the CPU default; oneDNN's
-bfloat16 convolutions, the cpu recipe's), and
+(config.conv_backend: XLA's own convolutions; oneDNN's float32 convolutions, the CPU default;
+oneDNN's bfloat16 convolutions, the cpu recipe's), and
 reports image pairs/s (per wall-clock and per CPU second of the process) and model FLOP/s: XLA's
-cost analysis of the compiled XLA-backend step (callbacks are not counted, so it is the count for
+cost analysis of the compiled XLA-backend step (custom calls are not counted, so it is the count for
 every backend) divided by the measured step time. Two baselines are measured in the same run, so
 the ratios hold better on a loaded machine than absolute times:
   (a) the ceiling: a float32 square matmul under XLA (GFLOP/s = 2 n^3 / time);
@@ -227,7 +227,7 @@ def main(argv) -> None:
 
   conv_backends = args.conv_backends.split(",")
   for backend in conv_backends:
-    models.resolve_conv_backend(backend, jax.local_device_count())
+    models.resolve_conv_backend(backend)
   widths = [float(w) for w in args.widths.split(",")]
   runs = [(f"ResNet-18 CIFAR w={w:g}, 32 px", model_config(18, w, True), args.batch_size, 32)
           for w in widths]

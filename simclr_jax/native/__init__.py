@@ -1,0 +1,121 @@
+"""C++ kernels that XLA's CPU backend calls through its FFI, built on first use.
+
+jaxlib ships the FFI headers, oneDNN comes from PyPI (`onednn-devel-cpu-gomp`, in
+requirements.txt for x86-64 Linux) and the system's C++ compiler (`$CXX`, else g++ or clang++)
+builds each source here once into a per-user cache (`$SIMCLR_JAX_CACHE`, else
+`$XDG_CACHE_HOME/simclr_jax` or `~/.cache/simclr_jax`), keyed by the source, the compiler and
+the jaxlib version, so a change to any of them rebuilds it. Building takes a few seconds; several
+processes building at once each write their own file and the last rename wins.
+"""
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+import jax
+import jaxlib
+
+SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
+ONEDNN_CONV_TARGETS = ("simclr_conv_forward", "simclr_conv_backward_data",
+                       "simclr_conv_backward_weights")
+_COMPILE_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+_ONEDNN_HEADER = os.path.join("include", "oneapi", "dnnl", "dnnl.hpp")
+_ONEDNN_PACKAGES = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
+
+
+class NativeUnavailable(RuntimeError):
+  """A native kernel cannot be built or loaded here; the message says what to install."""
+
+
+def cache_dir() -> str:
+  if os.environ.get("SIMCLR_JAX_CACHE"):
+    return os.environ["SIMCLR_JAX_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "simclr_jax")
+
+
+def _onednn_prefix() -> str:
+  """The install prefix holding oneDNN's headers and library (the wheels' data directory)."""
+  candidates = [sysconfig.get_path("data"), sys.prefix, site.getuserbase()]
+  for prefix in dict.fromkeys(candidates):
+    if os.path.exists(os.path.join(prefix, _ONEDNN_HEADER)):
+      return prefix
+  raise NativeUnavailable(
+      f"oneDNN's headers ({_ONEDNN_HEADER}) are in none of {list(dict.fromkeys(candidates))}; "
+      f"install them with `{_ONEDNN_PACKAGES}` (x86-64 Linux wheels)")
+
+
+def _compiler() -> str:
+  for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise NativeUnavailable("no C++ compiler found ($CXX, g++, clang++ or c++): install one, e.g. "
+                          "`apt install g++`")
+
+
+def _build(source: str, include_dirs: list[str], libraries: list[str] = (),
+           library_dir: str | None = None) -> str:
+  """Path of the shared library built from `source` (built now unless cached)."""
+  with open(os.path.join(SOURCE_DIR, source), "rb") as f:
+    code = f.read()
+  compiler = _compiler()
+  linked = [f"-L{library_dir}", *(f"-l{lib}" for lib in libraries),
+            f"-Wl,-rpath,{library_dir}"] if library_dir else []
+  command = [compiler, *_COMPILE_FLAGS, *(f"-isystem{d}" for d in include_dirs),
+             os.path.join(SOURCE_DIR, source), *linked]
+  key = hashlib.sha256(b"\0".join(
+      [code, " ".join(command).encode(), jaxlib.__version__.encode()])).hexdigest()[:16]
+  directory = os.path.join(cache_dir(), "native")
+  target = os.path.join(directory, f"{os.path.splitext(source)[0]}-{key}.so")
+  if os.path.exists(target):
+    return target
+  os.makedirs(directory, exist_ok=True)
+  fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+  os.close(fd)
+  start = time.monotonic()
+  result = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
+  if result.returncode != 0:
+    os.unlink(partial)
+    raise NativeUnavailable(f"building {source} failed ({' '.join(command)}):\n"
+                            f"{result.stderr[-4000:]}")
+  os.replace(partial, target)
+  logging.info("Built %s in %.1f s: %s", source, time.monotonic() - start, target)
+  return target
+
+
+def _register(path: str, targets: tuple[str, ...]) -> None:
+  try:
+    library = ctypes.cdll.LoadLibrary(path)
+  except OSError as e:
+    raise NativeUnavailable(f"loading {path} failed: {e}") from e
+  for name in targets:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+
+
+@functools.cache
+def register_onednn_conv() -> None:
+  """Builds (once) and registers the oneDNN convolution FFI targets for the CPU platform.
+
+  Raises NativeUnavailable saying what is missing.
+  """
+  prefix = _onednn_prefix()
+  _register(_build("onednn_conv.cc", [jax.ffi.include_dir(), os.path.join(prefix, "include")],
+                   ["dnnl"], os.path.join(prefix, "lib")), ONEDNN_CONV_TARGETS)
+
+
+@functools.cache
+def onednn_conv_unavailable_reason() -> str | None:
+  """None when the oneDNN convolutions can run here, else why not."""
+  try:
+    register_onednn_conv()
+  except NativeUnavailable as e:
+    return str(e)
+  return None
