@@ -62,14 +62,15 @@ def _compiler() -> str:
 
 
 def _build(source: str, include_dirs: list[str], libraries: list[str] = (),
-           library_dir: str | None = None) -> str:
-  """Path of the shared library built from `source` (built now unless cached)."""
+           library_dir: str | None = None, flags: tuple[str, ...] = ()) -> str:
+  """Path of the shared library built from `source` (built now unless cached); `flags` come
+  after the common ones, so e.g. '-O3' overrides '-O2'."""
   with open(os.path.join(SOURCE_DIR, source), "rb") as f:
     code = f.read()
   compiler = _compiler()
   linked = [f"-L{library_dir}", *(f"-l{lib}" for lib in libraries),
             f"-Wl,-rpath,{library_dir}"] if library_dir else []
-  command = [compiler, *_COMPILE_FLAGS, *(f"-isystem{d}" for d in include_dirs),
+  command = [compiler, *_COMPILE_FLAGS, *flags, *(f"-isystem{d}" for d in include_dirs),
              os.path.join(SOURCE_DIR, source), *linked]
   key = hashlib.sha256(b"\0".join(
       [code, " ".join(command).encode(), jaxlib.__version__.encode()])).hexdigest()[:16]
@@ -107,6 +108,11 @@ def register_onednn_conv() -> None:
   Raises NativeUnavailable saying what is missing.
   """
   prefix = _onednn_prefix()
+  # oneDNN's OpenMP threads otherwise spin at every barrier: with any other busy process (or
+  # tf.data's threads) on the cores, the ResNet-18 step ran 30x slower (experiments/results/
+  # train_step.md). Passive waiting costs nothing on idle cores. libgomp reads this once, when
+  # oneDNN's library first loads it, just below.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   _register(_build("onednn_conv.cc", [jax.ffi.include_dir(), os.path.join(prefix, "include")],
                    ["dnnl"], os.path.join(prefix, "lib")), ONEDNN_CONV_TARGETS)
 
@@ -116,6 +122,30 @@ def onednn_conv_unavailable_reason() -> str | None:
   """None when the oneDNN convolutions can run here, else why not."""
   try:
     register_onednn_conv()
+  except NativeUnavailable as e:
+    return str(e)
+  return None
+
+
+AUGMENT_TARGETS = ("simclr_augment_steps",)
+
+
+@functools.cache
+def register_augment_kernels() -> None:
+  """Builds (once) and registers the augmentation FFI target for the CPU platform.
+
+  Raises NativeUnavailable saying what is missing.
+  """
+  # -O3: GCC 12's -O2 vectorises only loops whose trip count it knows.
+  _register(_build("augment_kernels.cc", [jax.ffi.include_dir()], flags=("-O3",)),
+            AUGMENT_TARGETS)
+
+
+@functools.cache
+def augment_kernels_unavailable_reason() -> str | None:
+  """None when the augmentation kernels can run here, else why not."""
+  try:
+    register_augment_kernels()
   except NativeUnavailable as e:
     return str(e)
   return None
