@@ -108,13 +108,8 @@ def register_onednn_conv() -> None:
   Raises NativeUnavailable saying what is missing.
   """
   prefix = _onednn_prefix()
-  # oneDNN's OpenMP threads otherwise spin at every barrier: with any other busy process (or
-  # tf.data's threads) on the cores, the ResNet-18 step ran 30x slower (experiments/results/
-  # train_step.md). Passive waiting costs nothing on idle cores. libgomp reads this once, when
-  # oneDNN's library first loads it, just below.
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   _register(_build("onednn_conv.cc", [jax.ffi.include_dir(), os.path.join(prefix, "include")],
-                   ["dnnl"], os.path.join(prefix, "lib")), ONEDNN_CONV_TARGETS)
+                   ["dnnl", "gomp"], os.path.join(prefix, "lib")), ONEDNN_CONV_TARGETS)
 
 
 @functools.cache

@@ -9,12 +9,25 @@
 // Operands are float32 or bfloat16 (oneDNN's AMX/AVX512-BF16 kernels); results are float32, with
 // products summed in float32 either way. Padding is explicit (low and high per spatial axis).
 //
+// Threads: the batch is cut into one part per thread of XLA's own intra-op pool, and oneDNN runs
+// each part on one thread (the kernel gradient sums the parts'). oneDNN's own OpenMP teams would
+// share the cores with XLA's threads and tf.data's, and a team waits at every barrier for its
+// slowest thread: in training that made steps erratic, 0.5-2.2 steps/s against a steady 2.5
+// (experiments/results/train_step.md), and far slower beside other busy processes. The calling
+// thread takes parts itself and waits only for parts that another thread is running, so a busy
+// or single-thread pool cannot deadlock it.
+//
 // Primitive descriptors are built once per shape and pass and kept: finding an implementation
 // costs more than running a small convolution. Every call allocates its own scratchpad, so the
-// same primitive can run on several devices' threads at once.
+// same primitive can run on several threads at once.
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
-#include <cstring>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -50,6 +63,13 @@ struct Geometry {
       for (auto d : *dims) key << d << ',';
     }
     return key.str();
+  }
+
+  // The same convolution over `images` images of the batch.
+  Geometry Part(int64_t images) const {
+    Geometry part = *this;
+    part.src[0] = part.dst[0] = images;
+    return part;
   }
 };
 
@@ -128,12 +148,68 @@ const Plan& CachedPlan(const Geometry& g, Pass pass) {
   return *it->second;
 }
 
-// Owned, 64-byte aligned host memory for the scratchpad and reordered kernels.
+// Owned, 64-byte aligned host memory for scratchpads, reordered kernels and partial sums.
 struct Buffer {
   explicit Buffer(size_t bytes)
       : data(bytes ? std::aligned_alloc(64, (bytes + 63) / 64 * 64) : nullptr, &std::free) {}
+  void* get() const { return data.get(); }
   std::unique_ptr<void, decltype(&std::free)> data;
 };
+
+// Runs `plan` on one thread. `weights` holds k (an input, HWIO, reordered into the plan's layout
+// first) or receives dk (an output, reordered back to HWIO after).
+void Execute(const Plan& plan, std::unordered_map<int, memory> args, int weights_arg,
+             memory weights, bool weights_are_output) {
+  dnnl::engine& engine = Engine();
+  dnnl::stream stream(engine);
+  const bool reorder = plan.weights != weights.get_desc();
+  Buffer reordered(reorder ? plan.weights.get_size() : 0);
+  memory plan_weights = reorder ? memory(plan.weights, engine, reordered.get()) : weights;
+  if (reorder && !weights_are_output) dnnl::reorder(weights, plan_weights).execute(stream, weights, plan_weights);
+  Buffer scratchpad(plan.scratchpad.get_size());
+  args.emplace(weights_arg, plan_weights);
+  args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, scratchpad.get()));
+  plan.primitive.execute(stream, args);
+  if (reorder && weights_are_output) dnnl::reorder(plan_weights, weights).execute(stream, plan_weights, weights);
+  stream.wait();
+}
+
+// Calls part(i) for i in [0, parts) on the caller and the pool's threads; returns the first
+// error any part threw.
+template <typename F>
+ffi::Error ParallelParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable all_done;
+    std::string error;
+  };
+  auto shared = std::make_shared<Shared>();
+  // A task that starts after the last part was claimed touches nothing but `shared`.
+  auto work = [shared, parts, &part] {
+    for (int64_t i; (i = shared->next.fetch_add(1)) < parts;) {
+      try {
+        omp_set_num_threads(1);  // this thread's oneDNN calls run on this thread alone
+        part(i);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lock(shared->mutex);
+        if (shared->error.empty()) shared->error = e.what();
+      }
+      if (shared->done.fetch_add(1) + 1 == parts) {
+        std::lock_guard<std::mutex> lock(shared->mutex);
+        shared->all_done.notify_all();
+      }
+    }
+  };
+  for (int64_t helper = 1; helper < parts; ++helper) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->all_done.wait(lock, [&] { return shared->done.load() == parts; });
+  if (!shared->error.empty()) {
+    return ffi::Error::Internal("oneDNN convolution: " + shared->error);
+  }
+  return ffi::Error::Success();
+}
 
 ffi::ErrorOr<memory::data_type> ComputeType(ffi::DataType type) {
   switch (type) {
@@ -166,99 +242,123 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer
                   dims(padding_high), *compute_type};
 }
 
-// Runs `plan`; `user_weights` (HWIO) is reordered into or out of the plan's kernel layout.
-void Run(const Plan& plan, std::unordered_map<int, memory> args, int weights_arg,
-         void* user_weights, const memory::desc& user_weights_desc, bool weights_are_output) {
-  dnnl::engine& engine = Engine();
-  dnnl::stream stream(engine);
-  memory user(user_weights_desc, engine, user_weights);
-  Buffer reordered(plan.weights == user_weights_desc ? 0 : plan.weights.get_size());
-  memory weights = reordered.data ? memory(plan.weights, engine, reordered.data.get()) : user;
-  if (reordered.data && !weights_are_output) dnnl::reorder(user, weights).execute(stream, user, weights);
-  Buffer scratchpad(plan.scratchpad.get_size());
-  args.emplace(weights_arg, weights);
-  args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, scratchpad.data.get()));
-  plan.primitive.execute(stream, args);
-  if (reordered.data && weights_are_output) dnnl::reorder(weights, user).execute(stream, weights, user);
-  stream.wait();
+// The batch split: part i covers images [Begin(i), Begin(i + 1)).
+struct BatchSplit {
+  int64_t images, parts;
+  BatchSplit(int64_t images, ffi::ThreadPool& pool)
+      : images(images), parts(std::max<int64_t>(1, std::min(images, pool.num_threads()))) {}
+  int64_t Begin(int64_t i) const { return images * i / parts; }
+  int64_t Size(int64_t i) const { return Begin(i + 1) - Begin(i); }
+};
+
+// Byte offset of image `n` in an NHWC buffer with logical dims {N, C, H, W}.
+size_t ImageOffset(const memory::dims& nchw, memory::data_type type, int64_t n) {
+  return static_cast<size_t>(n * nchw[1] * nchw[2] * nchw[3]) * memory::data_type_size(type);
 }
 
-template <typename F>
-ffi::Error Guarded(F&& f) {
-  try {
-    f();
-    return ffi::Error::Success();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
-  }
+char* At(void* base, size_t offset) { return static_cast<char*>(base) + offset; }
+
+// y (or dx) = a convolution of x (or dy) with k, image by image: forward and backward data.
+ffi::Error Pointwise(Pass pass, const Geometry& g, ffi::ThreadPool& pool, void* in, void* kernel,
+                     void* out) {
+  const bool forward = pass == Pass::kForward;
+  const memory::dims& in_dims = forward ? g.src : g.dst;
+  const memory::dims& out_dims = forward ? g.dst : g.src;
+  const memory::data_type f32 = memory::data_type::f32;
+  BatchSplit split(in_dims[0], pool);
+  return ParallelParts(pool, split.parts, [&](int64_t i) {
+    const Geometry part = g.Part(split.Size(i));
+    const Plan& plan = CachedPlan(part, pass);
+    dnnl::engine& e = Engine();
+    memory part_in(Activations(forward ? part.src : part.dst, g.compute_type), e,
+                   At(in, ImageOffset(in_dims, g.compute_type, split.Begin(i))));
+    memory part_out(Activations(forward ? part.dst : part.src, f32), e,
+                    At(out, ImageOffset(out_dims, f32, split.Begin(i))));
+    memory k(UserWeights(g.weights, g.compute_type), e, kernel);
+    if (forward) {
+      Execute(plan, {{DNNL_ARG_SRC, part_in}, {DNNL_ARG_DST, part_out}}, DNNL_ARG_WEIGHTS, k,
+              false);
+    } else {
+      Execute(plan, {{DNNL_ARG_DIFF_DST, part_in}, {DNNL_ARG_DIFF_SRC, part_out}},
+              DNNL_ARG_WEIGHTS, k, false);
+    }
+  });
 }
 
-ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> y,
-                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding_low,
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
+                       ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> padding_low,
                        ffi::Span<const int64_t> padding_high) {
   auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), x.element_type(),
                         strides, padding_low, padding_high);
   if (g.has_error()) return g.error();
-  return Guarded([&] {
-    const Plan& plan = CachedPlan(*g, Pass::kForward);
-    dnnl::engine& e = Engine();
-    Run(plan,
-        {{DNNL_ARG_SRC, memory(Activations(g->src, g->compute_type), e, x.untyped_data())},
-         {DNNL_ARG_DST, memory(Activations(g->dst, memory::data_type::f32), e, y->untyped_data())}},
-        DNNL_ARG_WEIGHTS, k.untyped_data(), UserWeights(g->weights, g->compute_type), false);
-  });
+  return Pointwise(Pass::kForward, *g, pool, x.untyped_data(), k.untyped_data(),
+                   y->untyped_data());
 }
 
-ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> dx,
-                            ffi::Span<const int64_t> strides,
+ffi::Error ConvBackwardData(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer k,
+                            ffi::Result<ffi::AnyBuffer> dx, ffi::Span<const int64_t> strides,
                             ffi::Span<const int64_t> padding_low,
                             ffi::Span<const int64_t> padding_high) {
   auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), dy.element_type(),
                         strides, padding_low, padding_high);
   if (g.has_error()) return g.error();
-  return Guarded([&] {
-    const Plan& plan = CachedPlan(*g, Pass::kBackwardData);
-    dnnl::engine& e = Engine();
-    Run(plan,
-        {{DNNL_ARG_DIFF_DST, memory(Activations(g->dst, g->compute_type), e, dy.untyped_data())},
-         {DNNL_ARG_DIFF_SRC,
-          memory(Activations(g->src, memory::data_type::f32), e, dx->untyped_data())}},
-        DNNL_ARG_WEIGHTS, k.untyped_data(), UserWeights(g->weights, g->compute_type), false);
-  });
+  return Pointwise(Pass::kBackwardData, *g, pool, dy.untyped_data(), k.untyped_data(),
+                   dx->untyped_data());
 }
 
-ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+// dk = the sum over parts of each part's kernel gradient (part 0 writes into dk itself).
+ffi::Error ConvBackwardWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::Result<ffi::AnyBuffer> dk, ffi::Span<const int64_t> strides,
                                ffi::Span<const int64_t> padding_low,
                                ffi::Span<const int64_t> padding_high) {
   auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), x.element_type(),
                         strides, padding_low, padding_high);
   if (g.has_error()) return g.error();
-  return Guarded([&] {
-    const Plan& plan = CachedPlan(*g, Pass::kBackwardWeights);
+  const memory::data_type f32 = memory::data_type::f32;
+  const int64_t kernel_size = dk->element_count();
+  BatchSplit split(g->src[0], pool);
+  std::vector<Buffer> partial_sums;
+  for (int64_t i = 1; i < split.parts; ++i) partial_sums.emplace_back(kernel_size * sizeof(float));
+  auto partial_sum = [&](int64_t i) {
+    return i == 0 ? dk->untyped_data() : partial_sums[i - 1].get();
+  };
+  ffi::Error error = ParallelParts(pool, split.parts, [&](int64_t i) {
+    const Geometry part = g->Part(split.Size(i));
+    const Plan& plan = CachedPlan(part, Pass::kBackwardWeights);
     dnnl::engine& e = Engine();
-    Run(plan,
-        {{DNNL_ARG_SRC, memory(Activations(g->src, g->compute_type), e, x.untyped_data())},
-         {DNNL_ARG_DIFF_DST, memory(Activations(g->dst, g->compute_type), e, dy.untyped_data())}},
-        DNNL_ARG_DIFF_WEIGHTS, dk->untyped_data(),
-        UserWeights(g->weights, memory::data_type::f32), true);
+    memory part_x(Activations(part.src, g->compute_type), e,
+                  At(x.untyped_data(), ImageOffset(g->src, g->compute_type, split.Begin(i))));
+    memory part_dy(Activations(part.dst, g->compute_type), e,
+                   At(dy.untyped_data(), ImageOffset(g->dst, g->compute_type, split.Begin(i))));
+    memory part_dk(UserWeights(g->weights, f32), e, partial_sum(i));
+    Execute(plan, {{DNNL_ARG_SRC, part_x}, {DNNL_ARG_DIFF_DST, part_dy}}, DNNL_ARG_DIFF_WEIGHTS,
+            part_dk, true);
   });
+  if (error.failure()) return error;
+  float* sum = static_cast<float*>(dk->untyped_data());
+  for (int64_t i = 1; i < split.parts; ++i) {
+    const float* addend = static_cast<const float*>(partial_sum(i));
+    for (int64_t j = 0; j < kernel_size; ++j) sum[j] += addend[j];
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define SIMCLR_CONV_HANDLER(name, function, first, second)                       \
+#define SIMCLR_CONV_HANDLER(name, function)                                      \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, function,                                  \
                                 ffi::Ffi::Bind()                                 \
-                                    .Arg<ffi::AnyBuffer>() /* first */           \
-                                    .Arg<ffi::AnyBuffer>() /* second */          \
+                                    .Ctx<ffi::ThreadPool>()                      \
+                                    .Arg<ffi::AnyBuffer>()                       \
+                                    .Arg<ffi::AnyBuffer>()                       \
                                     .Ret<ffi::AnyBuffer>()                       \
                                     .Attr<ffi::Span<const int64_t>>("strides")   \
                                     .Attr<ffi::Span<const int64_t>>("padding_low") \
                                     .Attr<ffi::Span<const int64_t>>("padding_high"));
 
 #pragma GCC visibility push(default)  // the library is built with hidden symbols but these
-SIMCLR_CONV_HANDLER(simclr_conv_forward, ConvForward, x, k)
-SIMCLR_CONV_HANDLER(simclr_conv_backward_data, ConvBackwardData, dy, k)
-SIMCLR_CONV_HANDLER(simclr_conv_backward_weights, ConvBackwardWeights, x, dy)
+SIMCLR_CONV_HANDLER(simclr_conv_forward, ConvForward)
+SIMCLR_CONV_HANDLER(simclr_conv_backward_data, ConvBackwardData)
+SIMCLR_CONV_HANDLER(simclr_conv_backward_weights, ConvBackwardWeights)
 #pragma GCC visibility pop
