@@ -41,6 +41,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.augment = augment.get_preset("simclr_cifar")
   config.dtype = "float32"         # compute dtype; params, BN statistics and the loss stay float32
   config.conv_backend = "auto"     # CPU: oneDNN convolutions, else XLA; or 'onednn_bf16'
+  config.augment_backend = "auto"  # CPU: the C++ kernels (simclr_jax/native), else JAX; or 'jax'
   config.global_batch_size = 512
   config.num_epochs = 100.0
   config.num_train_steps = 0       # > 0 overrides num_epochs
@@ -120,6 +121,7 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   config.model = model_config(18, 1.0, cifar_stem=True)  # must describe init_from's export
   config.dtype = "float32"
   config.conv_backend = "auto"       # CPU: oneDNN convolutions, else XLA; or 'onednn_bf16'
+  config.augment_backend = "auto"    # CPU: the C++ kernels (simclr_jax/native), else JAX; or 'jax'
   config.init_from = ""              # the encoder export to start from (a workdir's export/)
   config.projection_layer = 0        # 0: head on h; i > 0: on projection-head layer i (v2)
   config.zero_init_head = True       # the official --zero_init_logits_layer

@@ -18,14 +18,26 @@ order, clip after each); grayscale p=0.2; Gaussian blur p=0.5 with a kernel of 1
 sigma U[0.1, 2]. Every colour op equals its `tf.image` namesake (tested to 1e-4): brightness and
 contrast are dm-pix's; saturation, hue and grayscale are written on RGB planes because that is
 several times faster under vmap on CPU than dm-pix's HSV round trip and tensordot.
+
+Backends (`build_augmentation(..., backend=)`, `config.augment_backend`): 'jax' runs every op as
+above, on any device. 'native', the default on the CPU backend ('auto'), draws the same random
+numbers in JAX and hands each run of consecutive ops of NATIVE_STEPS to one C++ kernel
+(`simclr_jax/native/augment_kernels.cc`, an XLA FFI call) that takes every image through all of
+them while it sits in cache; XLA on a CPU makes a dozen passes over the batch instead. The views
+equal the JAX ones to float32 rounding (tests/test_native_augment.py); the speed is in
+experiments/results/augment_throughput.md.
 """
 import functools
+import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+
+from simclr_jax import native
 
 # Every op and its default parameters. `p` is the probability of applying the op: one number for
 # all views, or one number per view (e.g. SimCLRv2/BYOL-style blur `p=(1.0, 0.1)`), picked by the
@@ -58,6 +70,11 @@ PRESETS = {
 }
 
 BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # multiplicative factor / additive delta
+BACKENDS = ("auto", "jax", "native")  # see resolve_backend
+# The ops the 'native' backend applies in C++ (simclr_jax/native/augment_kernels.cc), with the
+# codes of their steps there; the others run in JAX on every backend.
+NATIVE_STEPS = {"random_resized_crop": 0, "center_crop": 0, "flip": 1, "color_jitter": 2,
+                "grayscale": 3, "blur": 4}
 # Contrast and saturation factors 1 ± 0.8s must stay non-negative (tf.image.random_contrast).
 MAX_JITTER_STRENGTH = 1.25
 
@@ -129,6 +146,11 @@ def adjust_hue(image: jax.Array, delta) -> jax.Array:
   return _on_planes(_saturation_and_hue_planes, image, 1.0, delta)
 
 
+def _brightness_gain_and_shift(brightness, brightness_impl: str):
+  """Brightness as `gain * x + shift`: v2's factor is a gain, v1's delta a shift."""
+  return (brightness, 0.0) if brightness_impl == "simclrv2" else (1.0, brightness)
+
+
 def _brightness_contrast_planes(planes, codes, *, brightness, contrast, brightness_impl):
   """Brightness and/or contrast in the order of the two `codes` (other codes do nothing),
   clipping after each, as one pass over the planes.
@@ -139,8 +161,7 @@ def _brightness_contrast_planes(planes, codes, *, brightness, contrast, brightne
   means of its input (after brightness if that comes first), one reduction per run because
   reductions are what costs on CPU.
   """
-  brightness_gain, brightness_shift = ((brightness, 0.0) if brightness_impl == "simclrv2"
-                                       else (1.0, brightness))
+  brightness_gain, brightness_shift = _brightness_gain_and_shift(brightness, brightness_impl)
   brightness_first = (codes[0] == BRIGHTNESS) & (codes[1] == CONTRAST)
   pre_gain = jnp.where(brightness_first, brightness_gain, 1.0)
   pre_shift = jnp.where(brightness_first, brightness_shift, 0.0)
@@ -198,10 +219,11 @@ def apply_color_jitter(image: jax.Array, order: jax.Array, *, brightness, contra
   return jnp.stack(run_planes(planes, run(second + 1, 4)), axis=-1)
 
 
-def color_jitter(key: jax.Array, image: jax.Array, *, strength: float,
-                 brightness_impl: str = "simclrv2", random_order: bool = True) -> jax.Array:
-  """The official colour distortion: brightness, contrast and saturation factors U[1-0.8s,
-  1+0.8s] (v1 brightness: delta U[-0.8s, 0.8s]), hue shift U[-0.2s, 0.2s], random order."""
+def sample_color_jitter(key: jax.Array, *, strength: float, brightness_impl: str = "simclrv2",
+                        random_order: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The official colour distortion's random numbers: `(order, factors)` for
+  `apply_color_jitter`. Brightness, contrast and saturation factors U[1-0.8s, 1+0.8s] (v1
+  brightness: delta U[-0.8s, 0.8s]), hue shift U[-0.2s, 0.2s], order uniformly random."""
   # One draw for everything: each random-number call costs XLA compile and run time.
   uniform = jax.random.uniform(key, (8,))
   between = lambda u, low, high: low + u * (high - low)
@@ -212,12 +234,18 @@ def color_jitter(key: jax.Array, image: jax.Array, *, strength: float,
     brightness = between(uniform[0], -amount, amount)
   # The ranks of 4 i.i.d. uniforms are a uniformly random permutation.
   order = jnp.argsort(uniform[4:]) if random_order else jnp.arange(4)
-  return apply_color_jitter(
-      image, order, brightness=brightness,
-      contrast=between(uniform[1], 1.0 - amount, 1.0 + amount),
-      saturation=between(uniform[2], 1.0 - amount, 1.0 + amount),
-      hue=between(uniform[3], -0.2 * strength, 0.2 * strength),
-      brightness_impl=brightness_impl)
+  return order, dict(brightness=brightness,
+                     contrast=between(uniform[1], 1.0 - amount, 1.0 + amount),
+                     saturation=between(uniform[2], 1.0 - amount, 1.0 + amount),
+                     hue=between(uniform[3], -0.2 * strength, 0.2 * strength))
+
+
+def color_jitter(key: jax.Array, image: jax.Array, *, strength: float,
+                 brightness_impl: str = "simclrv2", random_order: bool = True) -> jax.Array:
+  """The official colour distortion (`sample_color_jitter`) of one image."""
+  order, factors = sample_color_jitter(key, strength=strength, brightness_impl=brightness_impl,
+                                       random_order=random_order)
+  return apply_color_jitter(image, order, **factors, brightness_impl=brightness_impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,11 +387,19 @@ def blur_with_sigma(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
                                          lambda y: blur_along(0, y), x), image)
 
 
+def sample_blur(key: jax.Array, height: int, *, kernel_fraction: float, sigma_min: float,
+                sigma_max: float) -> tuple[jax.Array, int]:
+  """The official random blur's `(sigma, kernel_size)`: sigma U[min, max], a kernel
+  `kernel_fraction` of the image's height."""
+  sigma = jax.random.uniform(key, minval=sigma_min, maxval=sigma_max)
+  return sigma, int(height * kernel_fraction + 1e-6)  # the official height // 10
+
+
 def gaussian_blur(key: jax.Array, image: jax.Array, *, kernel_fraction: float, sigma_min: float,
                   sigma_max: float) -> jax.Array:
-  """The official random blur: kernel `kernel_fraction` of the height, sigma U[min, max]."""
-  sigma = jax.random.uniform(key, minval=sigma_min, maxval=sigma_max)
-  kernel_size = int(image.shape[0] * kernel_fraction + 1e-6)  # the official height // 10
+  """The official random blur (`sample_blur`) of one image."""
+  sigma, kernel_size = sample_blur(key, image.shape[0], kernel_fraction=kernel_fraction,
+                                   sigma_min=sigma_min, sigma_max=sigma_max)
   return jnp.clip(blur_with_sigma(image, sigma, kernel_size), 0.0, 1.0)
 
 
@@ -534,6 +570,11 @@ def _crop_box_function(op: str, params: Mapping[str, Any]):
   return lambda key, height, width: center_crop_box(height, width, params["proportion"])
 
 
+def _arguments(params: Mapping[str, Any]) -> dict[str, Any]:
+  """An op's parameters as keyword arguments of its function: all but the probability."""
+  return {name: value for name, value in params.items() if name != "p"}
+
+
 def _image_function(op: str, params: Mapping[str, Any]):
   """`fn(key, image) -> image` for a non-crop op with its parameters bound."""
   if op == "flip":
@@ -541,15 +582,11 @@ def _image_function(op: str, params: Mapping[str, Any]):
   if op == "rotate90":
     return rotate90
   if op == "color_jitter":
-    return lambda key, image: color_jitter(
-        key, image, strength=params["strength"], brightness_impl=params["brightness_impl"],
-        random_order=params["random_order"])
+    return lambda key, image: color_jitter(key, image, **_arguments(params))
   if op == "grayscale":
     return lambda key, image: to_grayscale(image)
   if op == "blur":
-    return lambda key, image: gaussian_blur(
-        key, image, kernel_fraction=params["kernel_fraction"], sigma_min=params["sigma_min"],
-        sigma_max=params["sigma_max"])
+    return lambda key, image: gaussian_blur(key, image, **_arguments(params))
   if op == "solarize":
     return lambda key, image: pix.solarize(image, params["threshold"])
   if op == "cutout":
@@ -564,22 +601,93 @@ def _image_function(op: str, params: Mapping[str, Any]):
 CROP_OPS = ("random_resized_crop", "center_crop")
 
 
-def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = True
-                       ) -> Augmentation:
+def _native_numbers_function(op: str, params: Mapping[str, Any]):
+  """`fn(key, apply, height) -> float32[n]` for a non-crop op of NATIVE_STEPS: its step's numbers
+  in the native kernel (see `Step` in native/augment_kernels.cc), drawn from `key` as the op's
+  JAX function draws them. `apply` is the op's coin, `height` the image's."""
+  if op in ("flip", "grayscale"):
+    return lambda key, apply, height: _float32_vector(apply)
+  if op == "color_jitter":
+    def jitter_numbers(key, apply, height):
+      order, factors = sample_color_jitter(key, **_arguments(params))
+      return _float32_vector(
+          apply, order, *_brightness_gain_and_shift(factors["brightness"],
+                                                    params["brightness_impl"]),
+          factors["contrast"], factors["saturation"], factors["hue"])
+    return jitter_numbers
+  if op == "blur":
+    def blur_numbers(key, apply, height):
+      sigma, kernel_size = sample_blur(key, height, **_arguments(params))
+      return _float32_vector(apply, sigma, kernel_size // 2)
+    return blur_numbers
+  raise ValueError(f"augmentation op {op!r} has no native kernel; those with one: "
+                   f"{sorted(NATIVE_STEPS)}")
+
+
+def _float32_vector(*parts) -> jax.Array:
+  return jnp.concatenate([jnp.ravel(jnp.asarray(part, jnp.float32)) for part in parts])
+
+
+def _run_native_steps(image: jax.Array, steps: Sequence[tuple[int, jax.Array]], size: int
+                      ) -> jax.Array:
+  """`steps` ((code, numbers) of consecutive native ops) applied to one image as one kernel
+  call; under vmap, one call for the whole batch ('broadcast_all')."""
+  if not steps:
+    return image
+  codes = [code for code, _ in steps]
+  shape = (size, size, 3) if NATIVE_STEPS["random_resized_crop"] in codes else image.shape
+  # The views vary over the same mesh axes as the images (inside shard_map).
+  result = jax.typeof(image).update(shape=shape, dtype=jnp.float32)
+  return jax.ffi.ffi_call("simclr_augment_steps", result, vmap_method="broadcast_all")(
+      image, jnp.concatenate([numbers for _, numbers in steps]),
+      steps=np.asarray(codes, np.int64))
+
+
+def _native_unavailable_reason() -> str | None:
+  if jax.default_backend() != "cpu":
+    return f"the kernels run on the CPU backend only; this run's is {jax.default_backend()!r}"
+  return native.augment_kernels_unavailable_reason()
+
+
+def resolve_backend(backend: str) -> str:
+  """'jax' or 'native' for `build_augmentation`'s `backend` (`config.augment_backend`); 'auto'
+  picks 'native' where it can run. Raises ValueError for an unknown name or a 'native' backend
+  that cannot run here."""
+  if backend not in BACKENDS:
+    raise ValueError(f"augment_backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+  if backend == "jax":
+    return backend
+  reason = _native_unavailable_reason()
+  if backend == "auto":
+    if reason is not None and jax.default_backend() == "cpu":
+      logging.warning("augment_backend='auto' uses the slower JAX augmentations on CPU: %s",
+                      reason)
+    return "jax" if reason is not None else "native"
+  if reason is not None:
+    raise ValueError(f"augment_backend='native' cannot run here: {reason}. Use 'auto' or 'jax'.")
+  return backend
+
+
+def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = True,
+                       backend: str = "auto") -> Augmentation:
   """The pipeline as `augment(key, image, view=0) -> [image_size, image_size, 3]` float32.
 
   `image` is [H, W, 3], float in [0, 1] or uint8. A crop op crops and resizes to image_size (when
   the coin says no, it resizes the whole image); a pipeline without crop ops resizes first if the
   size differs. `crop_on_device=False` drops 'random_resized_crop' because the host pipeline
   already cropped. `view` (a Python int) picks the probability of ops whose `p` is per view.
+  `backend` is one of BACKENDS (see `resolve_backend`): 'native' runs each run of consecutive
+  NATIVE_STEPS ops as one C++ kernel call, with the same random numbers and results.
   """
   validate(aug_config)
   if not (isinstance(image_size, int) and image_size >= 1):
     raise ValueError(f"image_size={image_size!r} must be a positive integer")
+  native_ops = NATIVE_STEPS if resolve_backend(backend) == "native" else {}
   config = _as_dict(aug_config)
   ops = [op for op in config["ops"] if crop_on_device or op != "random_resized_crop"]
   params = {op: {**OP_DEFAULTS[op], **config.get(op, {})} for op in ops}
   functions = [_crop_box_function(op, params[op]) if op in CROP_OPS
+               else _native_numbers_function(op, params[op]) if op in native_ops
                else _image_function(op, params[op]) for op in ops]
   resize_first = not any(op in CROP_OPS for op in ops)
 
@@ -604,18 +712,30 @@ def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = Tr
     coins_key, ops_key = jax.random.split(key)
     coins = jax.random.uniform(coins_key, (len(ops),))
     op_keys = jax.random.split(ops_key, len(ops))
+    height, width = image.shape[:2]
+    native_steps = []  # (code, numbers) of the native ops not run yet
     for op, function, coin, k_op in zip(ops, functions, coins, op_keys):
       p = probability(op, view)
       apply = coin < p
       if op in CROP_OPS:
-        height, width = image.shape[:2]
         box = jnp.where(apply, function(k_op, height, width),
                         jnp.array([0, 0, height, width], jnp.int32))
+        height = width = image_size
+      if op in native_ops:
+        if op in CROP_OPS or p > 0.0:
+          numbers = box if op in CROP_OPS else function(k_op, apply, height)
+          native_steps.append((NATIVE_STEPS[op], _float32_vector(numbers)))
+        continue
+      image = _run_native_steps(image, native_steps, image_size)
+      native_steps = []
+      if op in CROP_OPS:
         image = jnp.clip(crop_and_resize(image, box, image_size), 0.0, 1.0)  # bicubic overshoot
       elif p >= 1.0:
         image = function(k_op, image)
       elif p > 0.0:  # a select: under vmap a cond would run both branches anyway
         image = jnp.where(apply, function(k_op, image), image)
+    if native_steps:  # the kernel clips its views
+      return _run_native_steps(image, native_steps, image_size)
     return jnp.clip(image, 0.0, 1.0)
 
   return augment

@@ -112,6 +112,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict, *, num_devices: 
   require(config.dtype in COMPUTE_DTYPES,
           f"dtype={config.dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
   models.resolve_conv_backend(config.conv_backend)
+  augment.resolve_backend(config.augment_backend)
   require(config.image_size > 0, f"image_size={config.image_size} must be positive")
   require(config.host_crop_views in HOST_CROP_VIEW_CHOICES,
           f"host_crop_views={config.host_crop_views}; allowed: {HOST_CROP_VIEW_CHOICES}")
@@ -670,7 +671,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
       optim.create_optimizer("sgd", probe_schedule, weight_decay=0.0,
                              momentum=config.optimizer.momentum))
   augment_view = augment.build_augmentation(config.augment, config.image_size,
-                                            crop_on_device=config.host_crop_views == 0)
+                                            crop_on_device=config.host_crop_views == 0,
+                                            backend=config.augment_backend)
   checkpointer = checkpointing.TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                                  keep=config.keep_checkpoints)
   try:

@@ -5,10 +5,11 @@ CIFAR-10 images, held in memory as uint8 so neither side measures decoding, in t
 on the same CPU. The tf.data side is what the official SimCLR code does: a parallel `map` of
 per-image `tf.image` calls (sample_distorted_bounding_box crop + bicubic resize, random flip,
 colour jitter in random order, grayscale, depthwise-conv blur). The JAX side jits the trainer's
-own `train.augment_views`: per-image keys, and `build_augmentation(...)` vmapped over the batch.
-Rounds alternate between the two; medians are reported, as images per wall-clock second and per
-CPU-second of this process (all its threads), which stays comparable when other jobs share the
-cores.
+own `train.augment_views`: per-image keys, and `build_augmentation(...)` vmapped over the batch,
+once per augmentation backend in `--backends` (by default the trainer's default, 'auto', which
+is 'native' on CPU, then 'jax' for comparison; one row each). Rounds alternate between the
+pipelines; medians are reported, as images per wall-clock second and per CPU-second of this
+process (all its threads), which stays comparable when other jobs share the cores.
 
   PYTHONPATH=. python experiments/benchmarks/augment_throughput.py --data_dir=PATH/TO/TFDS
 """
@@ -131,9 +132,9 @@ def tf_pass(images: np.ndarray, config, size: int, batch_size: int) -> int:
   return sum(int(first.shape[0]) for first, _ in dataset)
 
 
-def jax_two_views(config, size: int):
+def jax_two_views(config, size: int, backend: str):
   """jit(the trainer's two views of a uint8 batch), keys from (step, global index)."""
-  augment_view = augment.build_augmentation(config, size)
+  augment_view = augment.build_augmentation(config, size, backend=backend)
   return jax.jit(lambda base_key, step, images, indices: train.augment_views(
       augment_view, images, indices, base_key, step))
 
@@ -153,19 +154,23 @@ def jax_pass(two_views, images: np.ndarray, batch_size: int) -> int:
   return (len(images) // batch_size) * batch_size
 
 
-def measure(data_dir: str, preset: str, size: int, count: int, batch_size: int, rounds: int):
-  """Medians over `rounds` alternating passes: ((tf images/s, per CPU-s), (JAX ditto))."""
+def measure(data_dir: str, preset: str, size: int, count: int, batch_size: int, rounds: int,
+            backends: list[str]):
+  """Medians over `rounds` alternating passes: ((tf images/s, per CPU-s), [(JAX ditto) per
+  backend])."""
   config = augment.get_preset(preset)
   images = load_images(data_dir, count, size)
-  two_views = jax_two_views(config, size)
-  jax_pass(two_views, images[:batch_size], batch_size)  # compile
+  two_views = [jax_two_views(config, size, backend) for backend in backends]
+  for function in two_views:
+    jax_pass(function, images[:batch_size], batch_size)  # compile
   tf_pass(images[:batch_size], config, size, batch_size)  # trace
-  tf_rates, jax_rates = [], []
+  tf_rates, jax_rates = [], [[] for _ in backends]
   for _ in range(rounds):
     tf_rates.append(timed(lambda: tf_pass(images, config, size, batch_size)))
-    jax_rates.append(timed(lambda: jax_pass(two_views, images, batch_size)))
+    for function, rates in zip(two_views, jax_rates):
+      rates.append(timed(lambda: jax_pass(function, images, batch_size)))
   median = lambda rates: tuple(statistics.median(column) for column in zip(*rates))
-  return median(tf_rates), median(jax_rates)
+  return median(tf_rates), [median(rates) for rates in jax_rates]
 
 
 def main():
@@ -178,8 +183,13 @@ def main():
                       "bicubically); 0 skips it")
   parser.add_argument("--batch_size_224", type=int, default=32, help="batch at 224 px")
   parser.add_argument("--rounds", type=int, default=3, help="alternating passes per pipeline")
+  parser.add_argument("--backends", default="auto,jax",
+                      help="augmentation backends of the JAX side, one row each (of "
+                      f"{', '.join(augment.BACKENDS)})")
   args = parser.parse_args()
   tf.config.set_visible_devices([], "GPU")
+  backends = args.backends.split(",")
+  resolved = [augment.resolve_backend(backend) for backend in backends]
 
   runs = [("simclr_cifar", 32, args.num_images, args.batch_size)]
   if args.num_images_224:
@@ -187,15 +197,17 @@ def main():
   print(f"{datetime.date.today()}  jax {jax.__version__} ({jax.devices()[0].platform}), "
         f"tensorflow {tf.__version__}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}, median of {args.rounds} rounds; two views per image\n")
-  print("| preset | size | batch | tf.data + tf.image: images/s | per CPU-s "
+  print("| preset | size | batch | tf.data + tf.image: images/s | per CPU-s | JAX backend "
         "| JAX jit+vmap: images/s | per CPU-s | JAX / TF: wall | per CPU-s |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
   for preset, size, count, batch_size in runs:
-    (tf_wall, tf_cpu), (jax_wall, jax_cpu) = measure(args.data_dir, preset, size, count,
-                                                     batch_size, args.rounds)
-    print(f"| {preset} | {size} | {batch_size} | {tf_wall:,.0f} | {tf_cpu:,.0f} "
-          f"| {jax_wall:,.0f} | {jax_cpu:,.0f} | {jax_wall / tf_wall:.1f}x "
-          f"| {jax_cpu / tf_cpu:.1f}x |", flush=True)
+    (tf_wall, tf_cpu), jax_rates = measure(args.data_dir, preset, size, count, batch_size,
+                                           args.rounds, resolved)
+    for backend, name, (jax_wall, jax_cpu) in zip(backends, resolved, jax_rates):
+      label = name if backend == name else f"{name} ({backend})"
+      print(f"| {preset} | {size} | {batch_size} | {tf_wall:,.0f} | {tf_cpu:,.0f} | {label} "
+            f"| {jax_wall:,.0f} | {jax_cpu:,.0f} | {jax_wall / tf_wall:.1f}x "
+            f"| {jax_cpu / tf_cpu:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

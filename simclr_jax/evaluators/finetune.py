@@ -213,7 +213,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
   state = jax.device_put(state, sharding.replicated(mesh))
 
   augment_view = augment.build_augmentation(config.augment, config.image_size,
-                                            crop_on_device=config.host_crop_views == 0)
+                                            crop_on_device=config.host_crop_views == 0,
+                                            backend=config.augment_backend)
   finetune_step = make_finetune_step(
       classifier, optimizer, augment_view, fine_tune_after_block=config.fine_tune_after_block,
       learning_rate_fn=schedule, mesh=mesh)

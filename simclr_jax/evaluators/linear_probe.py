@@ -14,6 +14,7 @@ export holds, report top-1/top-5/mean per-class accuracy on the eval split and t
 top-1 of the same features, draw predictions.png and confusion_matrix.png, and export the encoder
 with its linear head (the standardisation folded in) to workdir/export.
 """
+import functools
 import os
 from typing import Any, Mapping
 
@@ -69,10 +70,16 @@ def make_probe_step(classifier: features.Classifier, head: models.LinearHead,
 
   A plain jit over batch-sharded inputs: the frozen encoder has no cross-example computation
   (inference-mode BN), so no collective is needed and the result does not depend on the mesh.
+  The views are made per shard (each device augments its own images: the native kernels are
+  custom calls that XLA cannot partition).
   """
+  batch_spec, replicated_spec = jax.P(sharding.DATA_AXIS), jax.P()
+  augment_shard = jax.shard_map(
+      functools.partial(common.augment_images, augment_view), mesh=mesh,
+      in_specs=(batch_spec, batch_spec, replicated_spec, replicated_spec), out_specs=batch_spec)
+
   def step(state: train.TrainState, frozen: Mapping[str, Any], batch):
-    images = common.augment_images(augment_view, batch["image"], batch["index"], state.rng,
-                                   state.step)
+    images = augment_shard(batch["image"], batch["index"], state.rng, state.step)
     representation = jax.lax.stop_gradient(
         classifier.apply(frozen, images, train=False, method=features.Classifier.represent))
 
@@ -109,7 +116,8 @@ def train_sgd_probe(config: ml_collections.ConfigDict, workdir: str,
 
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
   augment_view = augment.build_augmentation(config.augment, config.image_size,
-                                            crop_on_device=config.host_crop_views == 0)
+                                            crop_on_device=config.host_crop_views == 0,
+                                            backend=config.augment_backend)
   probe_step = make_probe_step(classifier, head, optimizer, augment_view, schedule, mesh)
 
   def test_top1(state: train.TrainState) -> float:

@@ -3,15 +3,17 @@
 jaxlib ships the FFI headers, oneDNN comes from PyPI (`onednn-devel-cpu-gomp`, in
 requirements.txt for x86-64 Linux) and the system's C++ compiler (`$CXX`, else g++ or clang++)
 builds each source here once into a per-user cache (`$SIMCLR_JAX_CACHE`, else
-`$XDG_CACHE_HOME/simclr_jax` or `~/.cache/simclr_jax`), keyed by the source, the compiler and
-the jaxlib version, so a change to any of them rebuilds it. Building takes a few seconds; several
-processes building at once each write their own file and the last rename wins.
+`$XDG_CACHE_HOME/simclr_jax` or `~/.cache/simclr_jax`), keyed by the source (with the shared
+headers), the compiler and the jaxlib version, so a change to any of them rebuilds it. Building
+takes a few seconds; several processes building at once each write their own file and the last
+rename wins.
 """
 import ctypes
 import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import site
 import subprocess
@@ -65,8 +67,10 @@ def _build(source: str, include_dirs: list[str], libraries: list[str] = (),
            library_dir: str | None = None, flags: tuple[str, ...] = ()) -> str:
   """Path of the shared library built from `source` (built now unless cached); `flags` come
   after the common ones, so e.g. '-O3' overrides '-O2'."""
-  with open(os.path.join(SOURCE_DIR, source), "rb") as f:
-    code = f.read()
+  code = b""
+  for name in [source, *sorted(n for n in os.listdir(SOURCE_DIR) if n.endswith(".h"))]:
+    with open(os.path.join(SOURCE_DIR, name), "rb") as f:
+      code += f.read()
   compiler = _compiler()
   linked = [f"-L{library_dir}", *(f"-l{lib}" for lib in libraries),
             f"-Wl,-rpath,{library_dir}"] if library_dir else []
@@ -123,6 +127,12 @@ def onednn_conv_unavailable_reason() -> str | None:
 
 
 AUGMENT_TARGETS = ("simclr_augment_steps",)
+# The per-pixel loops vectorise only with these: -O3 (GCC 12's -O2 runs the kernels 2-8x
+# slower), -fno-trapping-math (lets the compiler compute both sides of a select; the results
+# are the same) and, on x86-64, AVX (8 floats a vector; jaxlib itself needs it there). Measured
+# in experiments/results/augment_throughput.md.
+_AUGMENT_FLAGS = ("-O3", "-fno-trapping-math",
+                  *(("-mavx",) if platform.machine() in ("x86_64", "AMD64") else ()))
 
 
 @functools.cache
@@ -131,8 +141,7 @@ def register_augment_kernels() -> None:
 
   Raises NativeUnavailable saying what is missing.
   """
-  # -O3: GCC 12's -O2 vectorises only loops whose trip count it knows.
-  _register(_build("augment_kernels.cc", [jax.ffi.include_dir()], flags=("-O3",)),
+  _register(_build("augment_kernels.cc", [jax.ffi.include_dir()], flags=_AUGMENT_FLAGS),
             AUGMENT_TARGETS)
 
 

@@ -9,13 +9,10 @@
 // Operands are float32 or bfloat16 (oneDNN's AMX/AVX512-BF16 kernels); results are float32, with
 // products summed in float32 either way. Padding is explicit (low and high per spatial axis).
 //
-// Threads: the batch is cut into one part per thread of XLA's own intra-op pool, and oneDNN runs
-// each part on one thread (the kernel gradient sums the parts'). oneDNN's own OpenMP teams would
-// share the cores with XLA's threads and tf.data's, and a team waits at every barrier for its
-// slowest thread: in training that made steps erratic, 0.5-2.2 steps/s against a steady 2.5
-// (experiments/results/train_step.md), and far slower beside other busy processes. The calling
-// thread takes parts itself and waits only for parts that another thread is running, so a busy
-// or single-thread pool cannot deadlock it.
+// Threads: the batch is cut into one part per thread of XLA's own intra-op pool (parallel.h), and
+// oneDNN runs each part on one thread (the kernel gradient sums the parts'). oneDNN's own OpenMP
+// teams made training steps erratic, 0.5-2.2 steps/s against a steady 2.5 now
+// (experiments/results/train_step.md), and far slower beside other busy processes.
 //
 // Primitive descriptors are built once per shape and pass and kept: finding an implementation
 // costs more than running a small convolution. Every call allocates its own scratchpad, so the
@@ -24,8 +21,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -36,6 +31,7 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -174,40 +170,15 @@ void Execute(const Plan& plan, std::unordered_map<int, memory> args, int weights
   stream.wait();
 }
 
-// Calls part(i) for i in [0, parts) on the caller and the pool's threads; returns the first
-// error any part threw.
+// Runs part(i) for each part of the batch on XLA's threads (parallel.h), oneDNN on one thread
+// per part.
 template <typename F>
 ffi::Error ParallelParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mutex;
-    std::condition_variable all_done;
-    std::string error;
-  };
-  auto shared = std::make_shared<Shared>();
-  // A task that starts after the last part was claimed touches nothing but `shared`.
-  auto work = [shared, parts, &part] {
-    for (int64_t i; (i = shared->next.fetch_add(1)) < parts;) {
-      try {
-        omp_set_num_threads(1);  // this thread's oneDNN calls run on this thread alone
-        part(i);
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(shared->mutex);
-        if (shared->error.empty()) shared->error = e.what();
-      }
-      if (shared->done.fetch_add(1) + 1 == parts) {
-        std::lock_guard<std::mutex> lock(shared->mutex);
-        shared->all_done.notify_all();
-      }
-    }
-  };
-  for (int64_t helper = 1; helper < parts; ++helper) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->all_done.wait(lock, [&] { return shared->done.load() == parts; });
-  if (!shared->error.empty()) {
-    return ffi::Error::Internal("oneDNN convolution: " + shared->error);
-  }
+  const std::string error = simclr_native::RunParts(pool, parts, [&](int64_t i) {
+    omp_set_num_threads(1);  // this thread's oneDNN calls run on this thread alone
+    part(i);
+  });
+  if (!error.empty()) return ffi::Error::Internal("oneDNN convolution: " + error);
   return ffi::Error::Success();
 }
 
