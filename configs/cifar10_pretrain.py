@@ -61,7 +61,8 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   (280-320 pairs/s) sustained: about 8 epochs in the budget. Without such units use
   `--config.conv_backend=auto` (oneDNN float32; measure its rate and size `num_epochs` to it).
   A small batch, so the paper's square-root scaling (0.075 * sqrt(B)) rather than linear. tau =
-  0.2, which beat 0.5 by 4-5 k-NN points in a 150-step sweep of tau x LR. Crop area [0.2, 1]
+  0.2, which beat 0.5 by 4-5 k-NN points in a 150-step sweep of tau x LR (0.1 led at 300
+  steps, but over the whole budget probed level with 0.2). Crop area [0.2, 1]
   instead of the official [0.08, 1] (+1.3 points at width 1/4). Views of 24 px, cropped on the
   device from the full 32 px images: they take ~0.7x the time of 32 px ones, and a crop of the
   mean area (0.6) shown at 24 px has its objects at about the size the probe sees in a whole
