@@ -28,7 +28,6 @@ equal the JAX ones to float32 rounding (tests/test_native_augment.py); the speed
 experiments/results/augment_throughput.md.
 """
 import functools
-import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import dm_pix as pix
@@ -643,29 +642,14 @@ def _run_native_steps(image: jax.Array, steps: Sequence[tuple[int, jax.Array]], 
       steps=np.asarray(codes, np.int64))
 
 
-def _native_unavailable_reason() -> str | None:
-  if jax.default_backend() != "cpu":
-    return f"the kernels run on the CPU backend only; this run's is {jax.default_backend()!r}"
-  return native.augment_kernels_unavailable_reason()
-
-
 def resolve_backend(backend: str) -> str:
   """'jax' or 'native' for `build_augmentation`'s `backend` (`config.augment_backend`); 'auto'
   picks 'native' where it can run. Raises ValueError for an unknown name or a 'native' backend
   that cannot run here."""
-  if backend not in BACKENDS:
-    raise ValueError(f"augment_backend={backend!r}; allowed: {', '.join(BACKENDS)}")
-  if backend == "jax":
-    return backend
-  reason = _native_unavailable_reason()
-  if backend == "auto":
-    if reason is not None and jax.default_backend() == "cpu":
-      logging.warning("augment_backend='auto' uses the slower JAX augmentations on CPU: %s",
-                      reason)
-    return "jax" if reason is not None else "native"
-  if reason is not None:
-    raise ValueError(f"augment_backend='native' cannot run here: {reason}. Use 'auto' or 'jax'.")
-  return backend
+  return native.resolve_backend(
+      "augment_backend", backend, choices=BACKENDS, portable="jax", native_default="native",
+      unavailable_reason=native.augment_kernels_unavailable_reason,
+      fallback="the slower JAX augmentations on CPU")
 
 
 def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = True,

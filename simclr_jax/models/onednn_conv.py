@@ -22,7 +22,6 @@ convolution of the ResNets here. Anything else goes to `lax.conv_general_dilated
 Gradients are first order only, and forward-mode differentiation raises an error.
 """
 import functools
-import logging
 from typing import Callable, Sequence
 
 import jax
@@ -35,27 +34,13 @@ CONV_BACKENDS = ("auto", "xla", "onednn", "onednn_bf16")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def _unavailable_reason() -> str | None:
-  if jax.default_backend() != "cpu":
-    return f"oneDNN runs on the CPU backend only; this run's is {jax.default_backend()!r}"
-  return native.onednn_conv_unavailable_reason()
-
-
 def resolve_conv_backend(backend: str) -> str:
   """'xla', 'onednn' or 'onednn_bf16' for `config.conv_backend`; 'auto' picks 'onednn' where it
   can run. Raises ValueError for an unknown name or a oneDNN backend that cannot run here."""
-  if backend not in CONV_BACKENDS:
-    raise ValueError(f"conv_backend={backend!r}; allowed: {', '.join(CONV_BACKENDS)}")
-  if backend == "xla":
-    return backend
-  reason = _unavailable_reason()
-  if backend == "auto":
-    if reason is not None and jax.default_backend() == "cpu":
-      logging.warning("conv_backend='auto' uses XLA's slower CPU convolutions: %s", reason)
-    return "xla" if reason is not None else "onednn"
-  if reason is not None:
-    raise ValueError(f"conv_backend={backend!r} cannot run here: {reason}. Use 'auto' or 'xla'.")
-  return backend
+  return native.resolve_backend(
+      "conv_backend", backend, choices=CONV_BACKENDS, portable="xla", native_default="onednn",
+      unavailable_reason=native.onednn_conv_unavailable_reason,
+      fallback="XLA's slower CPU convolutions")
 
 
 def conv_function(backend: str) -> Callable | None:

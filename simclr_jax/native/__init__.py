@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import jaxlib
@@ -153,3 +154,28 @@ def augment_kernels_unavailable_reason() -> str | None:
   except NativeUnavailable as e:
     return str(e)
   return None
+
+
+def resolve_backend(option: str, choice: str, *, choices: tuple[str, ...], portable: str,
+                    native_default: str, unavailable_reason: Callable[[], str | None],
+                    fallback: str) -> str:
+  """The backend `choice` of config field `option` ('auto', `portable` or a native one from
+  `choices`), resolved. 'auto' is `native_default` on the CPU backend when the kernels can run
+  (`unavailable_reason()` is None), else `portable`, logging why on CPU, where `fallback` says
+  what runs instead. Raises ValueError for an unknown choice or a native one that cannot run
+  here."""
+  if choice not in choices:
+    raise ValueError(f"{option}={choice!r}; allowed: {', '.join(choices)}")
+  if choice == portable:
+    return choice
+  on_cpu = jax.default_backend() == "cpu"
+  reason = (unavailable_reason() if on_cpu else
+            f"the kernels run on the CPU backend only; this run's is {jax.default_backend()!r}")
+  if choice == "auto":
+    if reason is not None and on_cpu:
+      logging.warning("%s='auto' uses %s: %s", option, fallback, reason)
+    return portable if reason is not None else native_default
+  if reason is not None:
+    raise ValueError(f"{option}={choice!r} cannot run here: {reason}. Use 'auto' or "
+                     f"'{portable}'.")
+  return choice
