@@ -41,6 +41,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.augment = augment.get_preset("simclr_cifar")
   config.dtype = "float32"         # compute dtype; params, BN statistics and the loss stay float32
   config.conv_backend = "auto"     # CPU: oneDNN convolutions, else XLA; or 'onednn_bf16'
+  config.norm_backend = "auto"     # CPU: batch norm + ReLU from C++ kernels, else JAX; or 'jax'
   config.augment_backend = "auto"  # CPU: the C++ kernels (simclr_jax/native), else JAX; or 'jax'
   config.global_batch_size = 512
   config.num_epochs = 100.0
@@ -121,6 +122,7 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   config.model = model_config(18, 1.0, cifar_stem=True)  # must describe init_from's export
   config.dtype = "float32"
   config.conv_backend = "auto"       # CPU: oneDNN convolutions, else XLA; or 'onednn_bf16'
+  config.norm_backend = "auto"       # CPU: batch norm + ReLU from C++ kernels, else JAX; or 'jax'
   config.augment_backend = "auto"    # CPU: the C++ kernels (simclr_jax/native), else JAX; or 'jax'
   config.init_from = ""              # the encoder export to start from (a workdir's export/)
   config.projection_layer = 0        # 0: head on h; i > 0: on projection-head layer i (v2)

@@ -38,7 +38,8 @@ class Classifier(models.SimCLRModel):
     self.encoder = models.ResNet(self.depth, width_multiplier=self.width_multiplier,
                                  cifar_stem=self.cifar_stem, sk_ratio=self.sk_ratio,
                                  tf_same_padding=self.tf_same_padding, **bn,
-                                 conv_general_dilated=models.conv_function(self.conv_backend))
+                                 conv_general_dilated=models.conv_function(self.conv_backend),
+                                 native_batch_norm=self.norm_backend == "native")
     if self.projection_layer > 0:
       self.projection_head = models.ProjectionHead(self.head_layers, self.head_hidden_dim,
                                                    self.projection_dim, **bn)
@@ -62,14 +63,16 @@ class Classifier(models.SimCLRModel):
 
 def create_classifier(model_config: Mapping[str, Any], *, num_classes: int,
                       projection_layer: int = 0, axis_name: str | None = None,
-                      dtype: Any = jnp.float32, conv_backend: str = "xla") -> Classifier:
+                      dtype: Any = jnp.float32, conv_backend: str = "xla",
+                      norm_backend: str = "jax") -> Classifier:
   kwargs = models.model_kwargs(model_config)
   if isinstance(projection_layer, bool) or projection_layer not in range(kwargs["head_layers"] + 1):
     raise ValueError(
         f"projection_layer={projection_layer!r}: 0 takes h, 1..{kwargs['head_layers']} the output "
         f"of that projection-head layer (the model has head_layers={kwargs['head_layers']})")
   return Classifier(num_classes=num_classes, projection_layer=projection_layer,
-                    axis_name=axis_name, dtype=dtype, conv_backend=conv_backend, **kwargs)
+                    axis_name=axis_name, dtype=dtype, conv_backend=conv_backend,
+                    norm_backend=norm_backend, **kwargs)
 
 
 def representation_name(projection_layer: int) -> str:

@@ -12,18 +12,22 @@ come from --coordinator_address/--num_processes/--process_id, from JAX_COORDINAT
 JAX_NUM_PROCESSES / JAX_PROCESS_ID, or from SLURM / Open MPI / a TPU pod slice's environment
 (--distributed forces JAX's own detection).
 """
-import importlib
-import json
-import logging as python_logging
-import sys
-from typing import Any, Callable
+from simclr_jax import host_memory
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+host_memory.keep_freed_memory()  # before any import starts a thread: see host_memory
 
-from simclr_jax import sharding
+import importlib  # noqa: E402
+import json  # noqa: E402
+import logging as python_logging  # noqa: E402
+import sys  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from simclr_jax import sharding  # noqa: E402
 
 # mode -> (module, function(config, workdir) -> results dict)
 MODES = {

@@ -112,6 +112,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict, *, num_devices: 
   require(config.dtype in COMPUTE_DTYPES,
           f"dtype={config.dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
   models.resolve_conv_backend(config.conv_backend)
+  models.resolve_norm_backend(config.norm_backend)
   augment.resolve_backend(config.augment_backend)
   require(config.image_size > 0, f"image_size={config.image_size} must be positive")
   require(config.host_crop_views in HOST_CROP_VIEW_CHOICES,
@@ -654,7 +655,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
 
   model = models.create_model(config.model, num_classes=info.num_classes, axis_name=DATA_AXIS,
                               dtype=COMPUTE_DTYPES[config.dtype],
-                              conv_backend=models.resolve_conv_backend(config.conv_backend))
+                              conv_backend=models.resolve_conv_backend(config.conv_backend),
+                              norm_backend=models.resolve_norm_backend(config.norm_backend))
   schedule = optim.learning_rate_schedule(
       config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
       global_batch_size=config.global_batch_size, total_steps=total_steps,
@@ -691,9 +693,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
         config, total_steps, workdir)
     start_step = int(sharding.to_host(state.step))
     logging.info("pretraining %s on %s: %d steps (%d warmup) of %d images on %d device(s) in "
-                 "%d process(es), %s convolutions, starting at step %d", config.model.to_dict(),
+                 "%d process(es), %s convolutions, %s batch norm, starting at step %d",
+                 config.model.to_dict(),
                  config.dataset, total_steps, warmup_steps, config.global_batch_size,
-                 mesh.devices.size, jax.process_count(), model.conv_backend, start_step)
+                 mesh.devices.size, jax.process_count(), model.conv_backend, model.norm_backend,
+                 start_step)
     train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
                                  learning_rate_fn=schedule, mesh=mesh)
     state, summary = _train_loop(config, workdir, mesh, state, train_step, checkpointer,

@@ -159,7 +159,7 @@ def test_official_initialisation_of_the_model():
 def test_official_initialisation_of_a_selective_kernel_bottleneck():
   conv = functools.partial(flax.linen.Conv, use_bias=False,
                            kernel_init=models.resnet.conv_kernel_init)
-  norm = functools.partial(flax.linen.BatchNorm, use_running_average=True)
+  norm = functools.partial(models.BatchNorm, use_running_average=True)
   block = models.BottleneckBlock(32, 2, conv, norm, sk_ratio=0.0625)
   variables = jax.jit(block.init)(INIT_KEY, jnp.zeros((1, 8, 8, 64)))
   params = check_official_init(variables, last_bn_names={"bn3"})

@@ -59,11 +59,12 @@ def smoke_config(data_dir: str, **overrides):
   return set_fields(config, **overrides)
 
 
-def build(config, mesh, conv_backend="xla"):
+def build(config, mesh, conv_backend="xla", norm_backend="jax"):
   """Model, optimizer, initial state and compiled step for `mesh`, as pretrain builds them."""
   info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir)
   model = models.create_model(config.model, num_classes=info.num_classes,
-                              axis_name=sharding.DATA_AXIS, conv_backend=conv_backend)
+                              axis_name=sharding.DATA_AXIS, conv_backend=conv_backend,
+                              norm_backend=norm_backend)
   total_steps, warmup_steps = 10, 2
   schedule = optim.learning_rate_schedule(
       config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
@@ -83,8 +84,8 @@ def build(config, mesh, conv_backend="xla"):
   return state, step, batches
 
 
-def run_steps(config, mesh, num_steps, conv_backend="xla"):
-  state, step, batches = build(config, mesh, conv_backend)
+def run_steps(config, mesh, num_steps, conv_backend="xla", norm_backend="jax"):
+  state, step, batches = build(config, mesh, conv_backend, norm_backend)
   initial_state = jax.device_get(state)
   inputs, metrics = [], []
   for _ in range(num_steps):
@@ -128,12 +129,12 @@ def test_three_steps_on_one_device_equal_three_steps_on_eight(one_and_eight_devi
     ("onednn", ONEDNN_FLOAT32_RTOL, ONEDNN_FLOAT32_RTOL),
     ("onednn_bf16", BFLOAT16_METRIC_RTOL, BFLOAT16_STATE_RTOL),
 ])
-def test_onednn_convolutions_on_eight_devices_train_like_xla_on_one(one_and_eight_devices, backend,
-                                                                    metric_rtol, state_rtol):
-  """oneDNN's convolutions (the CPU default 'auto', and the cpu recipe's bfloat16) on 8 devices
-  against XLA's on one."""
+def test_native_kernels_on_eight_devices_train_like_xla_on_one(one_and_eight_devices, backend,
+                                                               metric_rtol, state_rtol):
+  """The CPU defaults ('auto': oneDNN's convolutions, or the cpu recipe's bfloat16 ones, and the
+  native batch norm with its cross-device statistics) on 8 devices against XLA on one."""
   config, (state_xla, metrics_xla, _, _, initial), _ = one_and_eight_devices
-  state, metrics, *_ = run_steps(config, sharding.create_mesh(), 3, backend)
+  state, metrics, *_ = run_steps(config, sharding.create_mesh(), 3, backend, "native")
   for step_onednn, step_xla in zip(metrics, metrics_xla):
     for name in ("loss", "probe_loss", "grad_norm", "param_norm"):
       np.testing.assert_allclose(step_onednn[name], step_xla[name], rtol=metric_rtol)
@@ -353,6 +354,7 @@ def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ("optimizer__probe_learning_rate", -0.1, "probe_learning_rate"),
     ("max_train_minutes", -1.0, "max_train_minutes"),
     ("conv_backend", "mkl", "allowed: auto, xla, onednn"),
+    ("norm_backend", "fused", "allowed: auto, jax, native"),
 ])
 def test_bad_configs_fail_before_compiling(data_dir, tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):

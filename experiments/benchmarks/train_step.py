@@ -2,14 +2,15 @@ r"""Pretraining step speed against this machine's float32 matmul ceiling and a P
 
   python experiments/benchmarks/train_step.py [--widths=0.25,0.5,1] [--batch_size=64]
       [--steps=2] [--repeats=3] [--resnet50] [--conv_backends=xla,onednn,onednn_bf16]
-      [--torch_python=/path/to/venv/bin/python]
+      [--norm_backends=jax,native] [--torch_python=/path/to/venv/bin/python]
 
 For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
 builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
 the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('sgd') and no
 augmentation unless --augment names a preset) on one device, once per convolution backend
 (config.conv_backend: XLA's own convolutions; oneDNN's float32 convolutions, the CPU default;
-oneDNN's bfloat16 convolutions, the cpu recipe's), and
+oneDNN's bfloat16 convolutions, the cpu recipe's) and batch norm backend (config.norm_backend:
+JAX's nn.BatchNorm; the C++ kernels with the ReLU and residual fused, the CPU default), and
 reports image pairs/s (per wall-clock and per CPU second of the process) and model FLOP/s: XLA's
 cost analysis of the compiled XLA-backend step (custom calls are not counted, so it is the count for
 every backend) divided by the measured step time. Two baselines are measured in the same run, so
@@ -39,7 +40,7 @@ import optax
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
-from simclr_jax import augment, models, optim, train  # noqa: E402
+from simclr_jax import augment, host_memory, models, optim, train  # noqa: E402
 
 NUM_CLASSES = 10
 TEMPERATURE = 0.5
@@ -53,7 +54,8 @@ def model_config(depth: int, width_multiplier: float, cifar_stem: bool) -> dict:
 
 
 def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int,
-                        augment_preset: str = "none", conv_backend: str = "xla", seed: int = 0
+                        augment_preset: str = "none", conv_backend: str = "xla",
+                        norm_backend: str = "jax", seed: int = 0
                         ) -> tuple[Callable, tuple[Any, Any]]:
   """The trainer's own update step (simclr_jax.train.make_train_step) on one device, with SGD.
 
@@ -63,7 +65,7 @@ def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int
   """
   mesh = jax.make_mesh((1,), (train.DATA_AXIS,), devices=jax.devices()[:1])
   model = models.create_model(model_config_, num_classes=NUM_CLASSES, axis_name=train.DATA_AXIS,
-                              conv_backend=conv_backend)
+                              conv_backend=conv_backend, norm_backend=norm_backend)
   learning_rate = optax.constant_schedule(0.1)
   optimizer = optim.create_optimizer("sgd", learning_rate, weight_decay=1e-6, momentum=0.9)
   augment_view = augment.build_augmentation(augment.get_preset(augment_preset), image_size)
@@ -115,10 +117,10 @@ def measure_matmul(size: int, repeats: int) -> float:
 
 
 def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, repeats: int,
-                augment_preset: str, conv_backend: str) -> dict:
+                augment_preset: str, conv_backend: str, norm_backend: str = "jax") -> dict:
   step, (state, batch) = build_pretrain_step(config, batch_size=batch_size,
                                              image_size=image_size, augment_preset=augment_preset,
-                                             conv_backend=conv_backend)
+                                             conv_backend=conv_backend, norm_backend=norm_backend)
   compiled = step.lower(state, batch).compile()
   holder = [state]
 
@@ -139,7 +141,7 @@ def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_siz
              f"--batch_size={batch_size}", f"--num_classes={NUM_CLASSES}", f"--steps={steps}",
              f"--repeats={repeats}", f"--warmup={warmup}", f"--precision={precision}"] + (
                  ["--cifar_stem"] if config["cifar_stem"] else [])
-  env = dict(os.environ)
+  env = dict(os.environ, GLIBC_TUNABLES=host_memory.GLIBC_TUNABLES)  # as this process's malloc
   if omp_wait_policy:
     env["OMP_WAIT_POLICY"] = omp_wait_policy
   result = run_peer(command, env=env)
@@ -212,6 +214,9 @@ def main(argv) -> None:
                       help="augmentation preset inside the JAX step (the peer never augments)")
   parser.add_argument("--conv_backends", default="xla,onednn,onednn_bf16",
                       help="convolution backends to time the JAX step with (config.conv_backend)")
+  parser.add_argument("--norm_backends", default="jax,native",
+                      help="batch norm backends to time each convolution backend with "
+                      "(config.norm_backend)")
   parser.add_argument("--torch_python", default="",
                       help="interpreter with torch for the PyTorch peer (omit to skip the peer)")
   parser.add_argument("--torch_omp_wait_policy", default="PASSIVE",
@@ -222,12 +227,16 @@ def main(argv) -> None:
                       help="untimed peer steps (JAX's warm-up is compiling plus one step; eager "
                       "PyTorch takes a few steps to settle)")
   args = parser.parse_args(argv)
+  host_memory.keep_freed_memory()  # as the trainer does (simclr_jax.main), before JAX's threads
   if args.torch_python:
     check_torch_python(args.torch_python)
 
   conv_backends = args.conv_backends.split(",")
   for backend in conv_backends:
     models.resolve_conv_backend(backend)
+  norm_backends = args.norm_backends.split(",")
+  for backend in norm_backends:
+    models.resolve_norm_backend(backend)
   widths = [float(w) for w in args.widths.split(",")]
   runs = [(f"ResNet-18 CIFAR w={w:g}, 32 px", model_config(18, w, True), args.batch_size, 32)
           for w in widths]
@@ -239,10 +248,10 @@ def main(argv) -> None:
   for name, config, batch_size, image_size in runs:
     timing = dict(steps=args.steps, repeats=args.repeats, batch_size=batch_size,
                   image_size=image_size)
-    jax_results = {backend: measure_jax(config, augment_preset=args.augment,
-                                        conv_backend=backend, **timing)
-                   for backend in conv_backends}
-    flops = (jax_results["xla"] if "xla" in jax_results else
+    jax_results = {(conv, norm): measure_jax(config, augment_preset=args.augment,
+                                             conv_backend=conv, norm_backend=norm, **timing)
+                   for conv in conv_backends for norm in norm_backends}
+    flops = (jax_results["xla", "jax"] if ("xla", "jax") in jax_results else
              measure_jax(config, augment_preset=args.augment, conv_backend="xla",
                          **dict(timing, steps=1, repeats=1)))["flops"]
     if args.torch_python:
@@ -253,8 +262,9 @@ def main(argv) -> None:
       any_peer = next(iter(peers.values()))
       peer = (f"PyTorch {any_peer['torch']} with {any_peer['threads']} threads, "
               f"OMP_WAIT_POLICY={args.torch_omp_wait_policy or 'default'}")
-    for backend, jax_result in jax_results.items():
-      row = {"name": f"{name}, {backend} convs", "batch_size": batch_size, "flops": flops,
+    for (backend, norm), jax_result in jax_results.items():
+      row = {"name": f"{name}, {backend} convs, {norm} BN", "batch_size": batch_size,
+             "flops": flops,
              "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
       if args.torch_python:
         torch_result = peers[PEER_PRECISION[backend]]

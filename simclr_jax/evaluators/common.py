@@ -104,6 +104,7 @@ def validate_common(config: ml_collections.ConfigDict, *, mode: str, num_devices
   require(config.dtype in train.COMPUTE_DTYPES,
           f"dtype={config.dtype!r}; allowed: {', '.join(train.COMPUTE_DTYPES)}")
   models.resolve_conv_backend(config.conv_backend)
+  models.resolve_norm_backend(config.norm_backend)
   augment.resolve_backend(config.augment_backend)
   require(config.image_size > 0, f"image_size={config.image_size} must be positive")
   require(config.global_batch_size > 0 and config.global_batch_size % num_devices == 0,

@@ -190,7 +190,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *,
   classifier = features.create_classifier(
       config.model, num_classes=info.num_classes, projection_layer=config.projection_layer,
       axis_name=DATA_AXIS, dtype=common.dtype(config),
-      conv_backend=models.resolve_conv_backend(config.conv_backend))
+      conv_backend=models.resolve_conv_backend(config.conv_backend),
+      norm_backend=models.resolve_norm_backend(config.norm_backend))
   params, batch_stats, model_config = initial_variables(config, classifier)
   common.write_config(workdir, config)
 

@@ -9,15 +9,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax.models.batch_norm import NORM_BACKENDS, BatchNorm, resolve_norm_backend
 from simclr_jax.models.heads import LinearHead, ProjectionHead, validate_head_args
 from simclr_jax.models.onednn_conv import CONV_BACKENDS, conv_function, resolve_conv_backend
 from simclr_jax.models.resnet import (DEPTHS, FEATURE_NAMES, BasicBlock, BottleneckBlock, ResNet,
                                       resnet_output_dim, scaled_channels, validate_resnet_args)
 
 __all__ = [
-    "CONV_BACKENDS", "DEPTHS", "FEATURE_NAMES", "BasicBlock", "BottleneckBlock", "LinearHead",
-    "ProjectionHead", "ResNet", "SimCLRModel", "conv_function", "create_model",
-    "encoder_output_dim", "model_kwargs", "resolve_conv_backend", "scaled_channels",
+    "CONV_BACKENDS", "DEPTHS", "FEATURE_NAMES", "NORM_BACKENDS", "BasicBlock", "BatchNorm",
+    "BottleneckBlock", "LinearHead", "ProjectionHead", "ResNet", "SimCLRModel", "conv_function",
+    "create_model", "encoder_output_dim", "model_kwargs", "resolve_conv_backend",
+    "resolve_norm_backend", "scaled_channels",
 ]
 
 # Fields of `config.model` with their defaults; depth and width_multiplier must be given.
@@ -50,10 +52,14 @@ class SimCLRModel(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_backend: str = "xla"  # or 'onednn', 'onednn_bf16': see onednn_conv
+  norm_backend: str = "jax"  # or 'native': see batch_norm
 
   def __post_init__(self):
     super().__post_init__()
     conv_function(self.conv_backend)  # a bad name fails here, not at the first call
+    if self.norm_backend not in ("jax", "native"):
+      raise ValueError(f"norm backend {self.norm_backend!r}: 'jax' or 'native' (resolve 'auto' "
+                       "first)")
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -65,7 +71,8 @@ class SimCLRModel(nn.Module):
               dtype=self.dtype)
     encoder = ResNet(self.depth, width_multiplier=self.width_multiplier, cifar_stem=self.cifar_stem,
                      sk_ratio=self.sk_ratio, tf_same_padding=self.tf_same_padding, **bn,
-                     conv_general_dilated=conv_function(self.conv_backend), name="encoder")
+                     conv_general_dilated=conv_function(self.conv_backend),
+                     native_batch_norm=self.norm_backend == "native", name="encoder")
     features = encoder(x, train=train)
     projection_head = ProjectionHead(self.head_layers, self.head_hidden_dim, self.projection_dim,
                                      **bn, name="projection_head")
@@ -96,10 +103,12 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict:
 
 
 def create_model(model_config: Mapping[str, Any], *, num_classes: int, axis_name: str | None = None,
-                 dtype: Any = jnp.float32, conv_backend: str = "xla") -> SimCLRModel:
+                 dtype: Any = jnp.float32, conv_backend: str = "xla",
+                 norm_backend: str = "jax") -> SimCLRModel:
   """Builds the SimCLR model described by `config.model` (a ConfigDict or plain mapping)."""
   return SimCLRModel(num_classes=num_classes, axis_name=axis_name, dtype=dtype,
-                     conv_backend=conv_backend, **model_kwargs(model_config))
+                     conv_backend=conv_backend, norm_backend=norm_backend,
+                     **model_kwargs(model_config))
 
 
 def encoder_output_dim(model_config: Mapping[str, Any]) -> int:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simclr_jax import native
+from simclr_jax import native, sharding
 
 CONV_BACKENDS = ("auto", "xla", "onednn", "onednn_bf16")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -94,17 +94,6 @@ def _onednn_conv_backward(strides, padding, compute_dtype, residuals, dy):
 _onednn_conv.defvjp(_onednn_conv_forward, _onednn_conv_backward)
 
 
-def _vary_alike(*values):
-  """`values` cast to vary over the same mesh axes, as JAX does before any primitive inside
-  `shard_map`. The cast's transpose sums the kernel's gradient over the data axis, so the
-  custom call itself sees one device's shard like any other primitive."""
-  varying = [jax.typeof(v).manual_axis_type.varying for v in values]
-  axes = frozenset().union(*varying)
-  missing = [tuple(sorted(axes - own)) for own in varying]
-  return tuple(jax.lax.pcast(v, axes_to_add, to="varying") if axes_to_add else v
-               for v, axes_to_add in zip(values, missing))
-
-
 def _is_supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count) -> bool:
   no_dilation = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
@@ -130,7 +119,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
       batch_group_count):
     strides = tuple(int(s) for s in window_strides)
     padding = tuple((int(low), int(high)) for low, high in padding)
-    return _onednn_conv(*_vary_alike(lhs, rhs), strides, padding, compute_dtype)
+    return _onednn_conv(*sharding.vary_alike(lhs, rhs), strides, padding, compute_dtype)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax.models.batch_norm import BatchNorm
+
 # depth -> (block kind, number of blocks in each of the 4 groups), as in the official resnet_v1().
 BLOCK_GROUPS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -110,12 +112,12 @@ def _projection_shortcut(x, features, strides, resnet_d, conv, norm):
 def _selective_kernel_conv(x, filters, strides, sk_ratio, conv, norm, dtype):
   """SimCLRv2 selective-kernel 3x3 conv (official sk_conv2d): two streams mixed by attention."""
   streams = _conv(conv, 2 * filters, 3, strides, "conv2")(x)
-  streams = nn.relu(norm(name="bn2")(streams))
+  streams = norm(name="bn2")(streams, relu=True)
   streams = jnp.stack(jnp.split(streams, 2, axis=-1))  # [2, N, H, W, filters]
   summary = jnp.mean(jnp.sum(streams, axis=0), axis=(1, 2), keepdims=True)
   mid_dim = max(int(filters * sk_ratio), SK_MIN_DIM)
   summary = _conv(conv, mid_dim, 1, 1, "sk_reduce_conv")(summary)
-  summary = nn.relu(norm(name="sk_reduce_bn")(summary))
+  summary = norm(name="sk_reduce_bn")(summary, relu=True)
   mixing = _conv(conv, 2 * filters, 1, 1, "sk_mix_conv")(summary)
   mixing = jnp.stack(jnp.split(mixing, 2, axis=-1))
   mixing = jax.nn.softmax(mixing.astype(jnp.float32), axis=0).astype(dtype)
@@ -137,10 +139,9 @@ class BasicBlock(nn.Module):
       shortcut = _projection_shortcut(x, self.filters, self.strides, self.resnet_d, self.conv,
                                       self.norm)
     y = _conv(self.conv, self.filters, 3, self.strides, "conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.norm(name="bn1")(y, relu=True)
     y = _conv(self.conv, self.filters, 3, 1, "conv2")(y)
-    y = self.norm(scale_init=nn.initializers.zeros, name="bn2")(y)
-    return nn.relu(y + shortcut)
+    return self.norm(scale_init=nn.initializers.zeros, name="bn2")(y, residual=shortcut, relu=True)
 
 
 class BottleneckBlock(nn.Module):
@@ -160,16 +161,15 @@ class BottleneckBlock(nn.Module):
       shortcut = _projection_shortcut(x, features_out, self.strides, self.sk_ratio > 0, self.conv,
                                       self.norm)
     y = _conv(self.conv, self.filters, 1, 1, "conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.norm(name="bn1")(y, relu=True)
     if self.sk_ratio > 0:
       y = _selective_kernel_conv(y, self.filters, self.strides, self.sk_ratio, self.conv,
                                  self.norm, self.dtype)
     else:
       y = _conv(self.conv, self.filters, 3, self.strides, "conv2")(y)
-      y = nn.relu(self.norm(name="bn2")(y))
+      y = self.norm(name="bn2")(y, relu=True)
     y = _conv(self.conv, features_out, 1, 1, "conv3")(y)
-    y = self.norm(scale_init=nn.initializers.zeros, name="bn3")(y)
-    return nn.relu(y + shortcut)
+    return self.norm(scale_init=nn.initializers.zeros, name="bn3")(y, residual=shortcut, relu=True)
 
 
 class ResNet(nn.Module):
@@ -189,6 +189,7 @@ class ResNet(nn.Module):
   axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_general_dilated: Callable | None = None  # None: lax's; see onednn_conv for the CPU one
+  native_batch_norm: bool = False  # batch norm (+ ReLU, + residual) from CPU kernels: batch_norm
 
   def __post_init__(self):
     super().__post_init__()
@@ -215,10 +216,10 @@ class ResNet(nn.Module):
 
     def norm_for_stage(stage: int) -> ModuleFactory:
       frozen = stage <= stop_gradient_after_block
-      return functools.partial(nn.BatchNorm, use_running_average=frozen or not train,
+      return functools.partial(BatchNorm, use_running_average=frozen or not train,
                                momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                axis_name=self.axis_name, dtype=self.dtype,
-                               param_dtype=jnp.float32)
+                               param_dtype=jnp.float32, native=self.native_batch_norm)
 
     def end_of_stage(stage: int, x: jax.Array) -> jax.Array:
       features[FEATURE_NAMES[stage]] = x
@@ -247,16 +248,16 @@ class ResNet(nn.Module):
     width = scaled_channels(64, self.width_multiplier)
     if self.cifar_stem:
       x = _conv(conv, width, 3, 1, "stem_conv")(x)
-      return nn.relu(norm(name="stem_bn")(x))
+      return norm(name="stem_bn")(x, relu=True)
     if self.sk_ratio > 0:  # ResNet-D deep stem: three 3x3 convs instead of one 7x7.
       half_width = scaled_channels(32, self.width_multiplier)
       x = _conv(conv, half_width, 3, 2, "stem_conv1")(x)
-      x = nn.relu(norm(name="stem_bn1")(x))
+      x = norm(name="stem_bn1")(x, relu=True)
       x = _conv(conv, half_width, 3, 1, "stem_conv2")(x)
-      x = nn.relu(norm(name="stem_bn2")(x))
+      x = norm(name="stem_bn2")(x, relu=True)
       x = _conv(conv, width, 3, 1, "stem_conv")(x)
     else:
       x = _conv(conv, width, 7, 2, "stem_conv")(x)
-    x = nn.relu(norm(name="stem_bn")(x))
+    x = norm(name="stem_bn")(x, relu=True)
     padding = "SAME" if self.tf_same_padding else _symmetric_padding(3)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)

@@ -117,23 +117,34 @@ def register_onednn_conv() -> None:
                    ["dnnl", "gomp"], os.path.join(prefix, "lib")), ONEDNN_CONV_TARGETS)
 
 
-@functools.cache
-def onednn_conv_unavailable_reason() -> str | None:
-  """None when the oneDNN convolutions can run here, else why not."""
+def _unavailable_reason(register: Callable[[], None]) -> str | None:
   try:
-    register_onednn_conv()
+    register()
   except NativeUnavailable as e:
     return str(e)
   return None
 
 
+@functools.cache
+def onednn_conv_unavailable_reason() -> str | None:
+  """None when the oneDNN convolutions can run here, else why not."""
+  return _unavailable_reason(register_onednn_conv)
+
+
+# Plain C++ loops over pixels vectorise only with these: -O3 (GCC 12's -O2 ran the augmentation
+# kernels 2-8x slower), -fno-trapping-math (lets the compiler compute both sides of a select; the
+# results are the same) and, on x86-64, AVX (8 floats a vector; jaxlib itself needs it there).
+# Measured in experiments/results/augment_throughput.md.
+_VECTORISING_FLAGS = ("-O3", "-fno-trapping-math",
+                      *(("-mavx",) if platform.machine() in ("x86_64", "AMD64") else ()))
 AUGMENT_TARGETS = ("simclr_augment_steps",)
-# The per-pixel loops vectorise only with these: -O3 (GCC 12's -O2 runs the kernels 2-8x
-# slower), -fno-trapping-math (lets the compiler compute both sides of a select; the results
-# are the same) and, on x86-64, AVX (8 floats a vector; jaxlib itself needs it there). Measured
-# in experiments/results/augment_throughput.md.
-_AUGMENT_FLAGS = ("-O3", "-fno-trapping-math",
-                  *(("-mavx",) if platform.machine() in ("x86_64", "AMD64") else ()))
+BATCH_NORM_TARGETS = ("simclr_bn_moments", "simclr_bn_apply", "simclr_bn_apply_residual",
+                      "simclr_bn_grad_sums", "simclr_bn_grad_input",
+                      "simclr_bn_grad_input_residual")
+
+
+def _register_vectorised(source: str, targets: tuple[str, ...]) -> None:
+  _register(_build(source, [jax.ffi.include_dir()], flags=_VECTORISING_FLAGS), targets)
 
 
 @functools.cache
@@ -142,18 +153,28 @@ def register_augment_kernels() -> None:
 
   Raises NativeUnavailable saying what is missing.
   """
-  _register(_build("augment_kernels.cc", [jax.ffi.include_dir()], flags=_AUGMENT_FLAGS),
-            AUGMENT_TARGETS)
+  _register_vectorised("augment_kernels.cc", AUGMENT_TARGETS)
+
+
+@functools.cache
+def register_batch_norm_kernels() -> None:
+  """Builds (once) and registers the batch norm FFI targets for the CPU platform.
+
+  Raises NativeUnavailable saying what is missing.
+  """
+  _register_vectorised("batch_norm.cc", BATCH_NORM_TARGETS)
 
 
 @functools.cache
 def augment_kernels_unavailable_reason() -> str | None:
   """None when the augmentation kernels can run here, else why not."""
-  try:
-    register_augment_kernels()
-  except NativeUnavailable as e:
-    return str(e)
-  return None
+  return _unavailable_reason(register_augment_kernels)
+
+
+@functools.cache
+def batch_norm_kernels_unavailable_reason() -> str | None:
+  """None when the batch norm kernels can run here, else why not."""
+  return _unavailable_reason(register_batch_norm_kernels)
 
 
 def resolve_backend(option: str, choice: str, *, choices: tuple[str, ...], portable: str,
