@@ -32,6 +32,8 @@ aggregate = _load("aggregate", os.path.join(EXPERIMENTS, "aggregate.py"))
 ntxent_memory = _load("ntxent_memory", os.path.join(EXPERIMENTS, "benchmarks", "ntxent_memory.py"))
 train_step = _load("train_step", os.path.join(EXPERIMENTS, "benchmarks", "train_step.py"))
 conv_layers = _load("conv_layers", os.path.join(EXPERIMENTS, "benchmarks", "conv_layers.py"))
+batch_norm_benchmark = _load("batch_norm_benchmark",
+                             os.path.join(EXPERIMENTS, "benchmarks", "batch_norm.py"))
 
 PRETRAIN_CONFIG = """
 import ml_collections
@@ -392,3 +394,21 @@ def test_conv_layers_benchmark_times_every_pass_of_every_backend(dtype):
             "onednn fwd", "onednn dx+dk"}
   assert set(gflops) == passes
   assert all(np.isfinite(value) and value > 0 for value in gflops.values())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_batch_norm_benchmark_times_the_same_pass_on_both_backends(residual):
+  x, residual_map, dy = (np.random.default_rng(seed).standard_normal((4, 4, 4, 8)).astype(
+      np.float32) for seed in range(3))
+  results = []
+  for native in (False, True):
+    module, run = batch_norm_benchmark.training_pass(native, residual)
+    results.append(run(module.init(jax.random.key(0), x), x, residual_map, dy))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+
+
+def test_batch_norm_benchmark_prints_a_row_per_stage(capsys):
+  batch_norm_benchmark.main(["--images=2", "--calls=1", "--repeats=1"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x")]
+  assert [row.split(" | ")[0] for row in rows] == ["| 2x32x32x16", "| 2x16x16x32", "| 2x8x8x64",
+                                                   "| 2x4x4x128"]

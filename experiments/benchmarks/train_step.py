@@ -2,7 +2,7 @@ r"""Pretraining step speed against this machine's float32 matmul ceiling and a P
 
   python experiments/benchmarks/train_step.py [--widths=0.25,0.5,1] [--batch_size=64]
       [--steps=2] [--repeats=3] [--resnet50] [--conv_backends=xla,onednn,onednn_bf16]
-      [--norm_backends=jax,native] [--torch_python=/path/to/venv/bin/python]
+      [--norm_backends=jax,native] [--torch_python=/path/to/venv/bin/python] [--default_malloc]
 
 For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
 builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
@@ -22,7 +22,8 @@ the ratios hold better on a loaded machine than absolute times:
       The peer's FLOP/s use the same XLA flop count.
 Times are the best of --repeats windows of --steps steps after warm-up steps (one for the
 compiled JAX step, --torch_warmup for eager PyTorch; other processes only ever add time). Inputs
-are random: augmentation and input throughput are measured elsewhere.
+are random: augmentation and input throughput are measured elsewhere. Both processes keep freed
+memory mapped, as the trainer does (simclr_jax.host_memory), unless --default_malloc.
 """
 import argparse
 import datetime
@@ -134,14 +135,17 @@ def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, r
 
 def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_size: int,
                   steps: int, repeats: int, warmup: int, omp_wait_policy: str,
-                  precision: str) -> dict:
-  """Runs torch_peer.py; `omp_wait_policy` ('' = OpenMP's default) is set for that process."""
+                  precision: str, keep_freed_memory: bool = True) -> dict:
+  """Runs torch_peer.py; `omp_wait_policy` ('' = OpenMP's default) is set for that process, and
+  with `keep_freed_memory` glibc's malloc as host_memory sets this one."""
   command = [torch_python, PEER_SCRIPT, f"--depth={config['depth']}",
              f"--width_multiplier={config['width_multiplier']}", f"--image_size={image_size}",
              f"--batch_size={batch_size}", f"--num_classes={NUM_CLASSES}", f"--steps={steps}",
              f"--repeats={repeats}", f"--warmup={warmup}", f"--precision={precision}"] + (
                  ["--cifar_stem"] if config["cifar_stem"] else [])
-  env = dict(os.environ, GLIBC_TUNABLES=host_memory.GLIBC_TUNABLES)  # as this process's malloc
+  env = dict(os.environ)
+  if keep_freed_memory:
+    env["GLIBC_TUNABLES"] = host_memory.GLIBC_TUNABLES
   if omp_wait_policy:
     env["OMP_WAIT_POLICY"] = omp_wait_policy
   result = run_peer(command, env=env)
@@ -226,8 +230,12 @@ def main(argv) -> None:
   parser.add_argument("--torch_warmup", type=int, default=3,
                       help="untimed peer steps (JAX's warm-up is compiling plus one step; eager "
                       "PyTorch takes a few steps to settle)")
+  parser.add_argument("--default_malloc", action="store_true",
+                      help="leave glibc's malloc as it is in both processes, to measure what "
+                      "simclr_jax.host_memory.keep_freed_memory gains")
   args = parser.parse_args(argv)
-  host_memory.keep_freed_memory()  # as the trainer does (simclr_jax.main), before JAX's threads
+  if not args.default_malloc:
+    host_memory.keep_freed_memory()  # as the trainer does (simclr_jax.main), before JAX's threads
   if args.torch_python:
     check_torch_python(args.torch_python)
 
@@ -257,6 +265,7 @@ def main(argv) -> None:
     if args.torch_python:
       peers = {precision: measure_torch(args.torch_python, config, warmup=args.torch_warmup,
                                         omp_wait_policy=args.torch_omp_wait_policy,
+                                        keep_freed_memory=not args.default_malloc,
                                         precision=precision, **timing)
                for precision in sorted({PEER_PRECISION[b] for b in conv_backends})}
       any_peer = next(iter(peers.values()))
