@@ -61,9 +61,10 @@ def cpu_supervised() -> ml_collections.ConfigDict:
   0.9, cosine decay.
   The paper's 0.05 * B / 256 is for moving a pretrained encoder a little; from a random init it
   learns too slowly for a run of a few epochs. No warmup: BN ResNet-18 starts stably at 0.1.
-  Length: a 14-epoch cosine that the budget cuts at ~80%, as it cuts the pretraining recipe's.
-  Measured on 2 cores: 3.0 steps/s of 128 images at 32 px with oneDNN's bfloat16 convolutions
-  (about 11 epochs in 25 minutes); see experiments/results/cifar10_cpu_25min.md for its
+  Length: a 14-epoch cosine.
+  Measured on 2 cores: 4.0 steps/s of 128 images at 32 px with oneDNN's bfloat16 convolutions and
+  the native batch norm, so the whole schedule takes 23 minutes (3.0 steps/s and 12 epochs in
+  the budget before the batch norm kernels); see experiments/results/cifar10_cpu_25min.md for its
   classifier's accuracy and a linear probe of its frozen features. results.json records the
   epochs reached.
   """

@@ -4,7 +4,8 @@
 checkpoints, exports and the TF1 converter see no difference) whose call also takes the block's
 `residual` and `relu`. With `native=True` a training-mode call on float32 maps runs as four passes
 of C++ kernels (simclr_jax/native/batch_norm.cc), two forward and two backward, each reading the
-map once: XLA's CPU reductions and elementwise fusions took 3-4x as long on ResNet-18's thin maps.
+map once: nn.BatchNorm under XLA takes 1.4-1.9x as long on ResNet-18's maps, mostly in its
+reductions (experiments/results/train_step.md).
 Between the passes the per-channel statistics are summed over `axis_name` (global batch norm
 inside `shard_map`), so the kernels see one device's shard like the convolutions do. Anything
 else (running averages, other dtypes, `axis_index_groups`, masks) is `nn.BatchNorm`'s own code.
