@@ -18,10 +18,11 @@ from absl import logging
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+# (glibc tunable, mallopt option, value)
+_SETTINGS = (("arena_max", M_ARENA_MAX, 1), ("mmap_max", M_MMAP_MAX, 0),
+             ("trim_threshold", M_TRIM_THRESHOLD, 2**31 - 1))
 # The same settings for a process started with them in its environment (e.g. a benchmark's peer).
-GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                  f"glibc.malloc.trim_threshold={2**31 - 1}")
+GLIBC_TUNABLES = ":".join(f"glibc.malloc.{name}={value}" for name, _, value in _SETTINGS)
 
 
 def keep_freed_memory() -> bool:
@@ -39,7 +40,7 @@ def keep_freed_memory() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):
     return False
-  if not all(mallopt(option, value) == 1 for option, value in _SETTINGS):
+  if not all(mallopt(option, value) == 1 for _, option, value in _SETTINGS):
     logging.warning("glibc %s refused a mallopt setting; freed memory may be unmapped", version)
     return False
   return True
