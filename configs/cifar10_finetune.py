@@ -34,7 +34,7 @@ LABEL_FRACTIONS = {"100pct": (1.0, 30.0, 512), "10pct": (0.1, 30.0, 256),
 def finetune_config(label_fraction: float = 1.0, *, num_epochs: float = 30.0,
                     global_batch_size: int = 512,
                     from_scratch: bool = False) -> ml_collections.ConfigDict:
-  """Every field `simclr_jax.evaluate.finetune` reads, set to the paper's fine-tuning recipe."""
+  """Every field the finetune job reads, set to the paper's fine-tuning recipe."""
   config = common.evaluation_config(
       "finetune", base_learning_rate=0.05, global_batch_size=global_batch_size,
       num_epochs=num_epochs, log_every_steps=50, eval_every_steps=500)

@@ -19,26 +19,18 @@ import ml_collections
 
 from configs import common
 
-PROBE_PROTOCOLS = ("sgd", "lbfgs")
-
-
 def probe_config(protocol: str = "sgd") -> ml_collections.ConfigDict:
-  """Every field `simclr_jax.evaluate.linear_probe` reads, set to the paper's linear evaluation.
+  """Every field the linear_probe job reads, set to the paper's linear evaluation.
 
   The training fields (augment, optimizer, schedule, max_train_minutes) are read by the 'sgd'
   protocol only; 'lbfgs' reads `lbfgs`.
   """
-  if protocol not in PROBE_PROTOCOLS:
-    raise ValueError(f"unknown probe protocol {protocol!r}; allowed: {PROBE_PROTOCOLS}")
   config = common.evaluation_config(
       "linear_probe", base_learning_rate=0.1, global_batch_size=512, num_epochs=100.0,
       log_every_steps=100, eval_every_steps=1000)
   config.probe_protocol = protocol   # 'sgd': augmented SGD probe; 'lbfgs': transfer protocol
-  config.lbfgs = ml_collections.ConfigDict(dict(
-      validation_fraction=0.2, l2_min=1e-6, l2_max=1e5, l2_num=45, max_iterations=1000,
-      tolerance=1e-5))
-  config.knn_k = 200                 # 0 = no k-NN
-  config.knn_temperature = 0.1
+  config.lbfgs = common.lbfgs_config()
+  config.evals.knn = common.knn_config()  # on the same features as the probe
   return config
 
 
@@ -52,7 +44,7 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same code paths on synthetic_shapes with the tiny smoke model."""
   config = common.shrink_evaluation_to_smoke(config, num_train_steps=100)
-  config.knn_k = 20
+  config.evals.knn.k = 20
   config.lbfgs.l2_num = 12
   return config
 

@@ -18,7 +18,6 @@ LARS adds weight decay to the gradient before its (scale-free) trust ratio, so t
 import ml_collections
 
 from configs import common
-from simclr_jax import augment
 
 OFFICIAL_CIFAR_WEIGHT_DECAY = 1e-4
 # nt_xent reports the paper's mean over 2N anchors; the official code's loss is 2x that.
@@ -31,7 +30,7 @@ def cifar_recipe(dataset: str) -> ml_collections.ConfigDict:
   config.dataset = dataset
   config.image_size = 32
   config.model = common.model_config(18, 1.0, cifar_stem=True)
-  config.augment = augment.get_preset("simclr_cifar")  # s=0.5, no blur
+  config.augment = common.augment_config("simclr_cifar")  # s=0.5, no blur
   config.global_batch_size = 512
   config.num_epochs = 1000.0
   config.temperature = 0.5
@@ -42,7 +41,7 @@ def cifar_recipe(dataset: str) -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = OFFICIAL_CIFAR_WEIGHT_DECAY / OFFICIAL_LOSS_SCALE
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
-  config.knn_every_steps = 5000
+  config.evals.knn.every_steps = 5000
   return config
 
 
@@ -72,7 +71,7 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cifar10_cpu_25min.md has every run: 11.65 epochs probed 68.7%; the 10-epoch recipe on the
   slower step reached 8.0-8.9 epochs and probed 66.4-66.8% over three seeds).
   """
-  config.augment.random_resized_crop.area_min = 0.2
+  config.augment.random_resized_crop = dict(area_min=0.2)
   config.image_size = 24
   config.model.width_multiplier = 0.5
   config.conv_backend = "onednn_bf16"
@@ -85,9 +84,7 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.optimizer.warmup_epochs = 0.1
   config.log_every_steps = 10
   config.checkpoint_every_steps = 100
-  config.knn_every_steps = 250
-  config.knn_train_examples = 5000
-  config.knn_eval_examples = 1000
+  config.evals.knn.update(every_steps=250, train_examples=5000, eval_examples=1000)
   return config
 
 

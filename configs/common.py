@@ -1,14 +1,13 @@
-"""Defaults shared by the pretraining recipes, and the `smoke` shrink every recipe offers.
+"""Defaults shared by the recipes, and the `smoke` shrink every recipe offers.
 
-A recipe starts from `pretrain_config()`, sets what its paper/official command sets, and passes
-its variant name through `select_variant`, so `--config=configs/<recipe>.py:<variant>` fails with
-the list of variants when a name is misspelt.
+A recipe starts from `pretrain_config()` or `evaluation_config()`, sets what its paper/official
+command sets, and passes its variant name through `select_variant`, so
+`--config=configs/<recipe>.py:<variant>` fails with the list of variants when a name is misspelt.
+Recipes are data: they import nothing from simclr_jax, and name augmentation presets by string.
 """
 from typing import Callable, Mapping
 
 import ml_collections
-
-from simclr_jax import augment
 
 # The package's generated dataset: no download, prepared into data_dir on first use.
 SMOKE_DATASET = "synthetic_shapes"
@@ -23,8 +22,32 @@ def model_config(depth: int = 18, width_multiplier: float = 1.0, *,
       bn_momentum=0.9, bn_epsilon=1e-5))
 
 
+def augment_config(preset: str, **overrides: Mapping) -> ml_collections.ConfigDict:
+  """`config.augment`: a preset of simclr_jax.augment ('simclr_imagenet', 'simclr_cifar',
+  'crop_flip', 'none'); `ops` replaces its op list when not empty; `overrides[op]` changes that
+  op's parameters, e.g. `random_resized_crop={'area_min': 0.2}`."""
+  return ml_collections.ConfigDict(dict(preset=preset, ops=(), **{
+      op: dict(params) for op, params in overrides.items()}))
+
+
+def lbfgs_config(**overrides) -> ml_collections.ConfigDict:
+  """The paper's transfer protocol: L2 from 45 log-spaced strengths in [1e-6, 1e5], chosen on a
+  held-out 20% of train; `train_examples`/`eval_examples` limit the features (0 = all)."""
+  return ml_collections.ConfigDict(dict(dict(
+      every_steps=0, train_examples=0, eval_examples=0, validation_fraction=0.2, l2_min=1e-6,
+      l2_max=1e5, l2_num=45, max_iterations=1000, tolerance=1e-5), **overrides))
+
+
+def knn_config(**overrides) -> ml_collections.ConfigDict:
+  """Weighted k-NN on h (k=200, T=0.1, cosine): a memory bank of the first `train_examples`
+  train images scored on the first `eval_examples` held-out ones (0 = all)."""
+  return ml_collections.ConfigDict(dict(dict(
+      enabled=True, every_steps=0, train_examples=0, eval_examples=0, k=200, temperature=0.1),
+      **overrides))
+
+
 def pretrain_config() -> ml_collections.ConfigDict:
-  """Every field `simclr_jax.train.pretrain` reads, with neutral values a recipe overrides."""
+  """Every field the pretrain job reads, with neutral values a recipe overrides."""
   config = ml_collections.ConfigDict()
   config.mode = "pretrain"
   config.seed = 0
@@ -38,7 +61,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # to the largest process count you will use) to get the same batches on any process layout.
   config.data_shards = 0
   config.model = model_config()
-  config.augment = augment.get_preset("simclr_cifar")
+  config.augment = augment_config("simclr_cifar")
   config.dtype = "float32"         # compute dtype; params, BN statistics and the loss stay float32
   config.conv_backend = "auto"     # CPU: oneDNN convolutions, else XLA; or 'onednn_bf16'
   config.norm_backend = "auto"     # CPU: batch norm + ReLU from C++ kernels, else JAX; or 'jax'
@@ -59,14 +82,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
-  # Weighted k-NN on h (k=200, T=0.1, cosine) every knn_every_steps (0 = never) and at the end,
-  # with a memory bank of the first knn_train_examples train images (0 = all) scored on the first
-  # knn_eval_examples held-out images (0 = all).
-  config.knn_every_steps = 0
-  config.knn_train_examples = 0
-  config.knn_eval_examples = 0
-  config.knn_k = 200
-  config.knn_temperature = 0.1
+  # Evaluators (simclr_jax.evaluators) run every `every_steps` (0 = only at the end) on h.
+  config.evals = ml_collections.ConfigDict(dict(
+      knn=knn_config(), linear=lbfgs_config(enabled=False)))
   return config
 
 
@@ -85,10 +103,7 @@ def shrink_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   config.log_every_steps = 10
   config.checkpoint_every_steps = 30
   config.keep_checkpoints = 2
-  config.knn_every_steps = 30
-  config.knn_train_examples = 512
-  config.knn_eval_examples = 256
-  config.knn_k = 20
+  config.evals.knn.update(every_steps=30, train_examples=512, eval_examples=256, k=20)
   return config
 
 
@@ -119,6 +134,7 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   config.eval_split = "test"
   config.image_size = 32
   config.host_crop_views = 0         # 1: the host crops (datasets whose image sizes vary)
+  config.data_shards = 0             # input streams of the batch (0 = one per process)
   config.model = model_config(18, 1.0, cifar_stem=True)  # must describe init_from's export
   config.dtype = "float32"
   config.conv_backend = "auto"       # CPU: oneDNN convolutions, else XLA; or 'onednn_bf16'
@@ -127,7 +143,7 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   config.init_from = ""              # the encoder export to start from (a workdir's export/)
   config.projection_layer = 0        # 0: head on h; i > 0: on projection-head layer i (v2)
   config.zero_init_head = True       # the official --zero_init_logits_layer
-  config.augment = augment.get_preset("crop_flip")
+  config.augment = augment_config("crop_flip")
   config.global_batch_size = global_batch_size
   config.num_epochs = num_epochs     # passes over the (labelled) train examples
   config.num_train_steps = 0         # > 0 overrides num_epochs
@@ -141,6 +157,7 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   config.eval_every_steps = eval_every_steps  # test top-1 during training (0 = only at the end)
   config.checkpoint_every_steps = eval_every_steps
   config.keep_checkpoints = 2
+  config.evals = ml_collections.ConfigDict()
   return config
 
 

@@ -16,7 +16,6 @@ device does the rest of the augmentation. Compute runs in bfloat16 (params and l
 import ml_collections
 
 from configs import common
-from simclr_jax import augment
 
 PAPER_WEIGHT_DECAY = 1e-6
 OFFICIAL_LOSS_SCALE = 2.0
@@ -29,7 +28,7 @@ def imagenet_recipe(num_epochs: float) -> ml_collections.ConfigDict:
   config.image_size = 224
   config.host_crop_views = 2
   config.model = common.model_config(50, 1.0, cifar_stem=False)
-  config.augment = augment.get_preset("simclr_imagenet")  # s=1.0, blur
+  config.augment = common.augment_config("simclr_imagenet")  # s=1.0, blur
   config.dtype = "bfloat16"
   config.global_batch_size = 4096
   config.num_epochs = num_epochs
@@ -41,9 +40,8 @@ def imagenet_recipe(num_epochs: float) -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = PAPER_WEIGHT_DECAY / OFFICIAL_LOSS_SCALE
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2500
-  config.knn_every_steps = 10000
-  config.knn_train_examples = 100_000   # a 100k-image memory bank of 2048-d features: 0.8 GB
-  config.knn_eval_examples = 10_000
+  # A 100k-image memory bank of 2048-d features (0.8 GB), scored on 10k validation images.
+  config.evals.knn.update(every_steps=10000, train_examples=100_000, eval_examples=10_000)
   return config
 
 

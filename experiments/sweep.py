@@ -386,7 +386,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, REPO_ROOT)  # recipes import simclr_jax.
+  sys.path.insert(0, REPO_ROOT)  # recipes import configs.common.
   try:
     sys.exit(main(sys.argv[1:]))
   except (ValueError, FileNotFoundError) as error:

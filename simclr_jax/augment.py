@@ -21,8 +21,8 @@ several times faster under vmap on CPU than dm-pix's HSV round trip and tensordo
 
 Backends (`build_augmentation(..., backend=)`, `config.augment_backend`): 'jax' runs every op as
 above, on any device. 'native', the default on the CPU backend ('auto'), draws the same random
-numbers in JAX and hands each run of consecutive ops of NATIVE_STEPS to one C++ kernel
-(`simclr_jax/native/augment_kernels.cc`, an XLA FFI call) that takes every image through all of
+numbers in JAX and hands each run of consecutive ops of `native.AUGMENT_STEPS` to one C++ kernel
+(`simclr_jax.native.run_augment_steps`) that takes every image through all of
 them while it sits in cache; XLA on a CPU makes a dozen passes over the batch instead. The views
 equal the JAX ones to float32 rounding (tests/test_native_augment.py); the speed is in
 experiments/results/augment_throughput.md.
@@ -34,7 +34,6 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from simclr_jax import native
 
@@ -69,11 +68,6 @@ PRESETS = {
 }
 
 BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # multiplicative factor / additive delta
-BACKENDS = ("auto", "jax", "native")  # see resolve_backend
-# The ops the 'native' backend applies in C++ (simclr_jax/native/augment_kernels.cc), with the
-# codes of their steps there; the others run in JAX on every backend.
-NATIVE_STEPS = {"random_resized_crop": 0, "center_crop": 0, "flip": 1, "color_jitter": 2,
-                "grayscale": 3, "blur": 4}
 # Contrast and saturation factors 1 ± 0.8s must stay non-negative (tf.image.random_contrast).
 MAX_JITTER_STRENGTH = 1.25
 
@@ -456,6 +450,35 @@ def make_config(ops: Sequence[str], **params: Mapping[str, Any]) -> ml_collectio
   return config
 
 
+def resolve_config(aug_config) -> dict:
+  """`config.augment` as the whole pipeline: {'ops': (...), op: {all its parameters}, ...}.
+
+  A recipe names a preset and overrides only what it changes: {'preset': 'simclr_cifar',
+  'ops': () (the preset's) or a tuple replacing them, 'random_resized_crop': {'area_min': 0.2}};
+  parameters come from the block, then the preset, then OP_DEFAULTS. A config without 'preset'
+  is taken as complete (the form `get_preset` and `make_config` return).
+  """
+  config = _as_dict(aug_config)
+  if "preset" not in config:
+    return config
+  preset = config["preset"]
+  if preset not in PRESETS:
+    raise ValueError(f"unknown augmentation preset {preset!r}; known: {sorted(PRESETS)}")
+  preset_params = dict(PRESETS[preset])
+  ops = tuple(config.get("ops") or preset_params)
+  overrides = {op: block for op, block in config.items() if op not in ("preset", "ops")}
+  unknown = sorted(set(overrides) - set(OP_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown augmentation config keys {unknown}; expected 'preset', 'ops' and "
+                     f"op names from {sorted(OP_DEFAULTS)}")
+  resolved = {"ops": ops}
+  for op in [*ops, *overrides]:
+    if op in OP_DEFAULTS:  # `validate` names unknown ops
+      resolved[op] = {**OP_DEFAULTS[op], **preset_params.get(op, {}),
+                      **dict(overrides.get(op, {}))}
+  return resolved
+
+
 def get_preset(name: str) -> ml_collections.ConfigDict:
   """'simclr_imagenet' (s=1, blur), 'simclr_cifar' (s=0.5, no blur), 'crop_flip', 'none'."""
   if name not in PRESETS:
@@ -531,7 +554,7 @@ def validate(aug_config) -> None:
   Parameters of ops that are not in `ops` are checked too but do not switch the op on, so a sweep
   can toggle an op through `ops` alone.
   """
-  config = _as_dict(aug_config)
+  config = resolve_config(aug_config)
   if "ops" not in config:
     raise ValueError(f"augmentation config needs 'ops' (an ordered tuple of op names); got keys "
                      f"{sorted(config)}")
@@ -601,55 +624,25 @@ CROP_OPS = ("random_resized_crop", "center_crop")
 
 
 def _native_numbers_function(op: str, params: Mapping[str, Any]):
-  """`fn(key, apply, height) -> float32[n]` for a non-crop op of NATIVE_STEPS: its step's numbers
-  in the native kernel (see `Step` in native/augment_kernels.cc), drawn from `key` as the op's
-  JAX function draws them. `apply` is the op's coin, `height` the image's."""
+  """`fn(key, apply, height) -> numbers` for a non-crop op of `native.AUGMENT_STEPS`: its step's
+  numbers in the native kernel (see `Step` in native/augment_kernels.cc), drawn from `key` as the
+  op's JAX function draws them. `apply` is the op's coin, `height` the image's."""
   if op in ("flip", "grayscale"):
-    return lambda key, apply, height: _float32_vector(apply)
+    return lambda key, apply, height: (apply,)
   if op == "color_jitter":
     def jitter_numbers(key, apply, height):
       order, factors = sample_color_jitter(key, **_arguments(params))
-      return _float32_vector(
-          apply, order, *_brightness_gain_and_shift(factors["brightness"],
-                                                    params["brightness_impl"]),
-          factors["contrast"], factors["saturation"], factors["hue"])
+      return (apply, order, *_brightness_gain_and_shift(factors["brightness"],
+                                                        params["brightness_impl"]),
+              factors["contrast"], factors["saturation"], factors["hue"])
     return jitter_numbers
   if op == "blur":
     def blur_numbers(key, apply, height):
       sigma, kernel_size = sample_blur(key, height, **_arguments(params))
-      return _float32_vector(apply, sigma, kernel_size // 2)
+      return (apply, sigma, kernel_size // 2)
     return blur_numbers
   raise ValueError(f"augmentation op {op!r} has no native kernel; those with one: "
-                   f"{sorted(NATIVE_STEPS)}")
-
-
-def _float32_vector(*parts) -> jax.Array:
-  return jnp.concatenate([jnp.ravel(jnp.asarray(part, jnp.float32)) for part in parts])
-
-
-def _run_native_steps(image: jax.Array, steps: Sequence[tuple[int, jax.Array]], size: int
-                      ) -> jax.Array:
-  """`steps` ((code, numbers) of consecutive native ops) applied to one image as one kernel
-  call; under vmap, one call for the whole batch ('broadcast_all')."""
-  if not steps:
-    return image
-  codes = [code for code, _ in steps]
-  shape = (size, size, 3) if NATIVE_STEPS["random_resized_crop"] in codes else image.shape
-  # The views vary over the same mesh axes as the images (inside shard_map).
-  result = jax.typeof(image).update(shape=shape, dtype=jnp.float32)
-  return jax.ffi.ffi_call("simclr_augment_steps", result, vmap_method="broadcast_all")(
-      image, jnp.concatenate([numbers for _, numbers in steps]),
-      steps=np.asarray(codes, np.int64))
-
-
-def resolve_backend(backend: str) -> str:
-  """'jax' or 'native' for `build_augmentation`'s `backend` (`config.augment_backend`); 'auto'
-  picks 'native' where it can run. Raises ValueError for an unknown name or a 'native' backend
-  that cannot run here."""
-  return native.resolve_backend(
-      "augment_backend", backend, choices=BACKENDS, portable="jax", native_default="native",
-      unavailable_reason=native.augment_kernels_unavailable_reason,
-      fallback="the slower JAX augmentations on CPU")
+                   f"{sorted(native.AUGMENT_STEPS)}")
 
 
 def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = True,
@@ -660,14 +653,16 @@ def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = Tr
   the coin says no, it resizes the whole image); a pipeline without crop ops resizes first if the
   size differs. `crop_on_device=False` drops 'random_resized_crop' because the host pipeline
   already cropped. `view` (a Python int) picks the probability of ops whose `p` is per view.
-  `backend` is one of BACKENDS (see `resolve_backend`): 'native' runs each run of consecutive
-  NATIVE_STEPS ops as one C++ kernel call, with the same random numbers and results.
+  `backend` is `config.augment_backend` ('auto', 'jax' or 'native', see
+  `native.resolve_backend`): 'native' runs each run of consecutive ops of `native.AUGMENT_STEPS`
+  as one C++ kernel call, with the same random numbers and results.
   """
   validate(aug_config)
   if not (isinstance(image_size, int) and image_size >= 1):
     raise ValueError(f"image_size={image_size!r} must be a positive integer")
-  native_ops = NATIVE_STEPS if resolve_backend(backend) == "native" else {}
-  config = _as_dict(aug_config)
+  native_ops = (native.AUGMENT_STEPS if native.resolve_backend("augment_backend", backend)
+                == "native" else {})
+  config = resolve_config(aug_config)
   ops = [op for op in config["ops"] if crop_on_device or op != "random_resized_crop"]
   params = {op: {**OP_DEFAULTS[op], **config.get(op, {})} for op in ops}
   functions = [_crop_box_function(op, params[op]) if op in CROP_OPS
@@ -697,7 +692,7 @@ def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = Tr
     coins = jax.random.uniform(coins_key, (len(ops),))
     op_keys = jax.random.split(ops_key, len(ops))
     height, width = image.shape[:2]
-    native_steps = []  # (code, numbers) of the native ops not run yet
+    native_steps = []  # (op, numbers) of the native ops not run yet
     for op, function, coin, k_op in zip(ops, functions, coins, op_keys):
       p = probability(op, view)
       apply = coin < p
@@ -707,10 +702,10 @@ def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = Tr
         height = width = image_size
       if op in native_ops:
         if op in CROP_OPS or p > 0.0:
-          numbers = box if op in CROP_OPS else function(k_op, apply, height)
-          native_steps.append((NATIVE_STEPS[op], _float32_vector(numbers)))
+          numbers = (box,) if op in CROP_OPS else function(k_op, apply, height)
+          native_steps.append((op, numbers))
         continue
-      image = _run_native_steps(image, native_steps, image_size)
+      image = native.run_augment_steps(image, native_steps, image_size)
       native_steps = []
       if op in CROP_OPS:
         image = jnp.clip(crop_and_resize(image, box, image_size), 0.0, 1.0)  # bicubic overshoot
@@ -719,7 +714,37 @@ def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = Tr
       elif p > 0.0:  # a select: under vmap a cond would run both branches anyway
         image = jnp.where(apply, function(k_op, image), image)
     if native_steps:  # the kernel clips its views
-      return _run_native_steps(image, native_steps, image_size)
+      return native.run_augment_steps(image, native_steps, image_size)
     return jnp.clip(image, 0.0, 1.0)
 
   return augment
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+def image_keys(base_key: jax.Array, step: jax.Array, indices: jax.Array) -> jax.Array:
+  """fold_in(fold_in(base_key, step), global index) per image: a view depends on the image and
+  the step, not on which device or process holds it."""
+  step_key = jax.random.fold_in(base_key, step)
+  return jax.vmap(lambda index: jax.random.fold_in(step_key, index))(indices)
+
+
+def augment_batch(augment_view: Augmentation, images: jax.Array, indices: jax.Array,
+                  base_key: jax.Array, step: jax.Array, *, num_views: int) -> jax.Array:
+  """[num_views * n, S, S, 3] float views of n uint8 images: all first views, then all second.
+
+  `augment_view` is `build_augmentation`'s function; `images` is [n, H, W, 3] (cropped on the
+  device) or [n, num_views, S, S, 3] (cropped on the host, one crop per view). One view uses the
+  image's key (`image_keys`); two views split it, one key per view.
+  """
+  if num_views not in (1, 2):
+    raise ValueError(f"num_views={num_views!r}; allowed: 1 (probes, fine-tuning) or 2 (SimCLR)")
+  keys = image_keys(base_key, step, indices)
+  view_keys = keys[:, None] if num_views == 1 else jax.vmap(jax.random.split)(keys)
+  images = (images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8
+            else images.astype(jnp.float32))
+  return jnp.concatenate([
+      jax.vmap(functools.partial(augment_view, view=view))(
+          view_keys[:, view], images[:, view] if images.ndim == 5 else images)
+      for view in range(num_views)], axis=0)

@@ -672,3 +672,15 @@ def label_subset(dataset: str, *, data_dir: str | None, split: str,
           f"fewer than the {per_class} per class requested")
     chosen.append(rng.choice(candidates, per_class, replace=False))
   return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def train_iterator_from_config(config: Any, *, mesh: jax.sharding.Mesh, start_step: int,
+                               subset: np.ndarray | None = None
+                               ) -> Iterator[dict[str, jax.Array]]:
+  """`create_train_iterator` with a job config's data fields (dataset, data_dir, train_split,
+  batch, image size, host crops, seed, data_shards: 0 = one stream per process)."""
+  return create_train_iterator(
+      config.dataset, data_dir=config.data_dir or None, split=config.train_split,
+      global_batch_size=config.global_batch_size, image_size=config.image_size,
+      host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step,
+      mesh=mesh, subset=subset, data_shards=config.data_shards or jax.process_count())

@@ -15,7 +15,8 @@ SELF_SIMILARITY_LOGIT = -1e9
 L2_NORMALIZE_EPSILON = 1e-12
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """x / |x| over the last axis (a zero vector stays zero, as tf.math.l2_normalize)."""
   squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(squared_norm, L2_NORMALIZE_EPSILON))
 
@@ -85,8 +86,8 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
         f"z1 and z2 must both be [n, d] with the same shape, got {z1.shape} and {z2.shape}")
   _check_temperature(temperature)
   compute_dtype = jnp.result_type(z1.dtype, z2.dtype, jnp.float32)
-  z1 = _l2_normalize(z1.astype(compute_dtype))
-  z2 = _l2_normalize(z2.astype(compute_dtype))
+  z1 = l2_normalize(z1.astype(compute_dtype))
+  z2 = l2_normalize(z2.astype(compute_dtype))
   local_n = z1.shape[0]
   if axis_name is None:
     z1_all, z2_all, first_row = z1, z2, 0

@@ -7,6 +7,7 @@ decay to 0, and freezing parameters (zero updates, no optimizer state).
 import math
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import optax
 
@@ -151,3 +152,35 @@ def with_probe_optimizer(optimizer: optax.GradientTransformation,
         params)
 
   return optax.multi_transform({"model": optimizer, "probe": probe_optimizer}, labels)
+
+
+def training_steps(config: Any, num_examples: int) -> tuple[int, int]:
+  """(total_steps, warmup_steps) of a job's config: `num_train_steps`, else `num_epochs` over
+  `num_examples`; `optimizer.warmup_epochs`, shortened to a tenth of training (with a warning)
+  when it would not leave a step of cosine decay."""
+  batch = config.global_batch_size
+  total = (config.num_train_steps if config.num_train_steps > 0 else
+           steps_from_epochs(config.num_epochs, num_examples, batch))
+  warmup = steps_from_epochs(config.optimizer.warmup_epochs, num_examples, batch)
+  if warmup >= total:
+    logging.warning("warmup of %d steps does not fit in %d training steps; warming up for %d",
+                    warmup, total, total // 10)
+    warmup = total // 10
+  return total, warmup
+
+
+def optimizer_from_config(config: Any, num_examples: int, *, trainable_mask: Any = None
+                          ) -> tuple[optax.GradientTransformation, optax.Schedule, int]:
+  """(optimizer, its learning-rate schedule, total steps) of a job's `config.optimizer`."""
+  total_steps, warmup_steps = training_steps(config, num_examples)
+  optimizer_config = config.optimizer
+  schedule = learning_rate_schedule(
+      optimizer_config.base_learning_rate, lr_scaling=optimizer_config.lr_scaling,
+      global_batch_size=config.global_batch_size, total_steps=total_steps,
+      warmup_steps=warmup_steps)
+  optimizer = create_optimizer(
+      optimizer_config.name, schedule, weight_decay=optimizer_config.weight_decay,
+      momentum=optimizer_config.momentum, nesterov=optimizer_config.get("nesterov", False),
+      trust_coefficient=optimizer_config.get("trust_coefficient", 0.001),
+      trainable_mask=trainable_mask)
+  return optimizer, schedule, total_steps

@@ -5,7 +5,7 @@ the mesh axis `data`. The same code runs on one CPU, 8 fake CPU devices, a GPU n
 slice; only `initialize_distributed` knows about processes.
 """
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
@@ -82,13 +82,21 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(fetch, tree)
 
 
-def vary_alike(*values):
-  """`values` cast to vary over the same mesh axes, as JAX does before any primitive inside
-  `shard_map`; for custom calls and custom_vjp functions that take a replicated parameter with
-  a sharded map. The cast's transpose sums the parameter's gradient over the data axis, so the
-  function itself sees one device's shard like any other primitive."""
-  varying = [jax.typeof(v).manual_axis_type.varying for v in values]
-  axes = frozenset().union(*varying)
-  missing = [tuple(sorted(axes - own)) for own in varying]
-  return tuple(jax.lax.pcast(v, axes_to_add, to="varying") if axes_to_add else v
-               for v, axes_to_add in zip(values, missing))
+
+def shard_step(step_on_shard: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """jit(shard_map(step_on_shard)): (state, global batch) -> (state, metrics); state donated.
+
+  `step_on_shard(state, images, indices, labels)` sees one device's share of the batch and the
+  replicated state, and returns the new state and replicated metrics; its collectives use
+  DATA_AXIS. No pmean of gradients is needed: for replicated parameters, shard_map's autodiff
+  already sums their gradient over devices.
+  """
+  batch_spec, replicated_spec = jax.P(DATA_AXIS), jax.P()
+  sharded = jax.shard_map(step_on_shard, mesh=mesh,
+                          in_specs=(replicated_spec, batch_spec, batch_spec, batch_spec),
+                          out_specs=(replicated_spec, replicated_spec))
+
+  def step(state, batch):
+    return sharded(state, batch["image"], batch["index"], batch["label"])
+
+  return jax.jit(step, donate_argnums=0)

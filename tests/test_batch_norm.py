@@ -1,5 +1,6 @@
-"""The native batch norm (simclr_jax/models/batch_norm.py): the maths against NumPy float64 and
-against nn.BatchNorm's own autodiff, on one device and on eight, and its fallbacks."""
+"""The native batch norm (simclr_jax/native/batch_norm.py; its Flax module models.BatchNorm): the
+maths against NumPy float64 and against nn.BatchNorm's own autodiff, on one device and on eight,
+and what it leaves to nn.BatchNorm. Choosing the backend: test_native_backends."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 
 from simclr_jax import models, native
 from simclr_jax.models import batch_norm
+from simclr_jax.native import batch_norm as native_batch_norm
 from tests.helpers import relative_distance
 
 EPSILON = 1e-5
@@ -51,7 +53,7 @@ def numpy_batch_norm_grads(x, scale, dy):
 
 
 def fused(relu, axis_name=None):
-  return lambda x, scale, bias, residual: batch_norm.fused_batch_norm(
+  return lambda x, scale, bias, residual: native.batch_norm_train(
       x, scale, bias, residual, relu, EPSILON, axis_name)
 
 
@@ -162,17 +164,16 @@ def test_eight_devices_in_shard_map_equal_one():
 
 def test_resnet_with_native_batch_norm_is_the_same_network():
   """The encoder's variables, features and gradients do not depend on the norm backend."""
-  config = {"depth": 18, "width_multiplier": 0.125, "cifar_stem": True}
   images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
   outputs = {}
   for backend in ("jax", "native"):
-    model = models.create_model(config, num_classes=3, norm_backend=backend)
+    model = models.ResNet(18, width_multiplier=0.125, cifar_stem=True, norm_backend=backend)
     variables = model.init(jax.random.key(0), images, train=False)
 
     def loss(params, model=model, variables=variables):
       out, _ = model.apply(dict(variables, params=params), images, train=True,
                            mutable=["batch_stats"])
-      return jnp.sum(out["z"] ** 2) + jnp.sum(out["h"])
+      return jnp.sum(out["block4"] ** 2) + jnp.sum(out["h"])
 
     outputs[backend] = (variables, jax.jit(jax.value_and_grad(loss))(variables["params"]))
   (variables, (value, grads)), (variables_native, (value_native, grads_native)) = (
@@ -195,27 +196,14 @@ def test_what_the_kernels_do_not_run_is_nn_batch_norm():
     assert "simclr_bn" not in hlo
 
 
-def test_auto_picks_native_on_the_cpu_backend_and_falls_back_with_the_reason(monkeypatch,
-                                                                             caplog):
-  assert models.resolve_norm_backend("auto") == "native"
-  assert models.resolve_norm_backend("jax") == "jax"
-  monkeypatch.setattr(native, "batch_norm_kernels_unavailable_reason", lambda: "no compiler")
-  assert models.resolve_norm_backend("auto") == "jax"
-  assert "no compiler" in caplog.text
-  with pytest.raises(ValueError, match="'native' cannot run here: no compiler"):
-    models.resolve_norm_backend("native")
-
-
 def test_bad_backends_and_calls_are_refused_with_a_clear_message():
-  with pytest.raises(ValueError, match="norm_backend='fused'; allowed: auto, jax, native"):
-    models.resolve_norm_backend("fused")
   with pytest.raises(ValueError, match="'jax' or 'native' \\(resolve 'auto' first\\)"):
-    models.create_model({"depth": 18, "width_multiplier": 1}, num_classes=2, norm_backend="auto")
-  native.register_batch_norm_kernels()
+    models.ResNet(18, norm_backend="auto")
   x = jnp.ones((4, 3, 3, 8))
-  apply = jax.ffi.ffi_call("simclr_bn_apply", jax.ShapeDtypeStruct(x.shape, jnp.float32))
   with pytest.raises(Exception, match="scale must have one value per channel"):
-    jax.block_until_ready(apply(x, jnp.ones(7), jnp.ones(8), relu=True))
-  moments = jax.ffi.ffi_call("simclr_bn_moments", jax.ShapeDtypeStruct((3, 8), jnp.float32))
+    jax.block_until_ready(native_batch_norm._call(
+        native_batch_norm.APPLY, jax.ShapeDtypeStruct(x.shape, jnp.float32), x=x,
+        scale=jnp.ones(7), shift=jnp.ones(8), relu=True))
   with pytest.raises(Exception, match="sums must be \\[2, C\\]"):
-    jax.block_until_ready(moments(x))
+    jax.block_until_ready(native_batch_norm._call(
+        native_batch_norm.MOMENTS, jax.ShapeDtypeStruct((3, 8), jnp.float32), x=x))

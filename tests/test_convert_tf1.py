@@ -17,10 +17,9 @@ import pytest
 import tensorflow as tf
 
 from configs import official_checkpoint_probe
-from simclr_jax import convert_tf1
 from simclr_jax import export
-from simclr_jax import features
 from simclr_jax import models
+from simclr_jax.interop import convert_tf1
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
@@ -306,10 +305,10 @@ def test_simclr_v1_release_without_projection_head(tmp_path):
   # The probe recipe's model config fits the export; asking for a projection-head layer fails.
   model = official_checkpoint_probe.official_model_config("simclrv1_r50_1x")
   model.width_multiplier = 0.125
-  features.load_encoder_variables(str(tmp_path / "export"), model, projection_layer=0,
+  export.load_encoder_variables(str(tmp_path / "export"), model, projection_layer=0,
                                   image_size=32)
   with pytest.raises(ValueError, match=r"has no \['projection_head'\] parameters"):
-    features.load_encoder_variables(str(tmp_path / "export"), model, projection_layer=1,
+    export.load_encoder_variables(str(tmp_path / "export"), model, projection_layer=1,
                                     image_size=32)
 
 

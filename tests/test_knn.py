@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from simclr_jax import knn
+from simclr_jax.evaluators import knn
 
 
 def numpy_knn_accuracy(train_features, train_labels, test_features, test_labels, *, num_classes,

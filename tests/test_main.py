@@ -21,10 +21,15 @@ from configs import cifar100_pretrain
 from configs import cifar10_pretrain
 from configs import imagenet_pretrain
 from configs import smoke_pretrain
+from simclr_jax import augment
 from simclr_jax import checkpointing
 from simclr_jax import input_pipeline
-from simclr_jax import main
-from simclr_jax import train
+from simclr_jax import jobs
+from simclr_jax import loop
+from simclr_jax import workdir_files
+from simclr_jax.jobs import finetune
+from simclr_jax.jobs import linear_probe
+from simclr_jax.jobs import pretrain
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
@@ -77,14 +82,15 @@ def test_every_recipe_variant_is_a_valid_config(recipe, variant, data_dir):
     info = input_pipeline.DatasetInfo(name=config.dataset, num_classes=10, class_names=(),
                                       split_sizes=dict.fromkeys(splits, 50_000),
                                       image_shape=None)
-  train.validate_pretrain_config(config, num_devices=8, dataset_info=info)
+  pretrain.validate_config(config, num_devices=8, info=info)
 
 
 def test_recipes_carry_the_official_numbers():
   cifar = cifar10_pretrain.get_config()
   assert (cifar.global_batch_size, cifar.num_epochs, cifar.temperature) == (512, 1000, 0.5)
   assert cifar.model.cifar_stem and cifar.model.depth == 18 and cifar.image_size == 32
-  assert "blur" not in cifar.augment.ops and cifar.augment.color_jitter.strength == 0.5
+  cifar_augment = augment.resolve_config(cifar.augment)
+  assert "blur" not in cifar_augment["ops"] and cifar_augment["color_jitter"]["strength"] == 0.5
   assert (cifar.optimizer.name, cifar.optimizer.base_learning_rate,
           cifar.optimizer.lr_scaling) == ("lars", 1.0, "linear")
   assert cifar.optimizer.weight_decay == pytest.approx(1e-4 / 2)  # official value / loss scale
@@ -92,7 +98,8 @@ def test_recipes_carry_the_official_numbers():
   assert (imagenet.model.depth, imagenet.global_batch_size, imagenet.temperature,
           imagenet.dtype) == (50, 4096, 0.1, "bfloat16")
   assert (imagenet.optimizer.base_learning_rate, imagenet.optimizer.lr_scaling) == (0.3, "linear")
-  assert "blur" in imagenet.augment.ops and imagenet.augment.color_jitter.strength == 1.0
+  imagenet_augment = augment.resolve_config(imagenet.augment)
+  assert "blur" in imagenet_augment["ops"] and imagenet_augment["color_jitter"]["strength"] == 1.0
   assert imagenet_pretrain.get_config("r50_1000ep").num_epochs == 1000
   cpu = cifar10_pretrain.get_config("cpu")
   assert cpu.model.width_multiplier == 0.5 and cpu.optimizer.lr_scaling == "sqrt"
@@ -100,19 +107,16 @@ def test_recipes_carry_the_official_numbers():
     cifar10_pretrain.get_config("r19")
 
 
-def test_modes_dispatch_and_unknown_or_missing_modes_fail_clearly(monkeypatch):
-  assert main.resolve_mode("pretrain") is train.pretrain
-  with pytest.raises(ValueError, match="unknown config.mode 'pretrian'; allowed: pretrain, "
-                                       "linear_probe, finetune"):
-    main.resolve_mode("pretrian")
-  monkeypatch.setitem(main.MODES, "linear_probe", ("simclr_jax.not_written_yet", "linear_probe"))
-  with pytest.raises(NotImplementedError, match="'linear_probe' is not available yet"):
-    main.resolve_mode("linear_probe")
+def test_modes_dispatch_to_the_jobs():
+  assert jobs.JOBS == {"pretrain": pretrain.run, "linear_probe": linear_probe.run,
+                       "finetune": finetune.run}
 
 
 @pytest.mark.parametrize("override, message", [
     ("--config.modle.depth=50", "modle"),              # misspelt field: the config is locked
     ("--config.temperature=warm", "temperature"),      # wrong type
+    ("--config.mode=pretrian", "unknown config.mode 'pretrian'; allowed: pretrain, linear_probe, "
+     "finetune"),
 ])
 def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path, env):
   result = run_main(["--config=configs/smoke_pretrain.py", f"--workdir={tmp_path}", override],
@@ -123,14 +127,14 @@ def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path, en
 
 
 def checkpointed_state(workdir, step):
-  return checkpointing.read_state_as_numpy(os.path.join(workdir, train.CHECKPOINT_DIR), step)
+  return checkpointing.read_state_as_numpy(os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
 
 
 def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_dir, tmp_path,
                                                                           env):
   args = ["--config=configs/smoke_pretrain.py", f"--config.data_dir={data_dir}",
           "--config.num_train_steps=24", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=100", "--config.knn_every_steps=0"]
+          "--config.checkpoint_every_steps=100", "--config.evals.knn.enabled=False"]
   uninterrupted, interrupted = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
   # The uninterrupted run and the one to interrupt run side by side (2 cores), then the resume.
   with open(tmp_path / "uninterrupted.log", "w+") as reference_log:
@@ -138,14 +142,14 @@ def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_d
                          output=reference_log)
     try:
       process = run_main(args + [f"--workdir={interrupted}"], env=env, wait=False)
-      metrics_path = os.path.join(interrupted, train.METRICS_FILE)
+      metrics_path = os.path.join(interrupted, workdir_files.METRICS_FILE)
       deadline = time.monotonic() + 300
       while not (os.path.exists(metrics_path) and '"loss"' in open(metrics_path).read()):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
         time.sleep(0.05)
       process.send_signal(signal.SIGTERM)
       output = process.communicate(timeout=300)[0]
-      assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+      assert process.returncode == loop.PREEMPTED_EXIT_CODE, output[-3000:]
       reference.wait(timeout=600)
     finally:
       if reference.poll() is None:
@@ -154,19 +158,19 @@ def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_d
     reference_output = reference_log.read()
   assert reference.returncode == 0, reference_output[-3000:]
   assert "onednn convolutions" in reference_output  # the CPU default
-  with open(os.path.join(uninterrupted, train.RESULTS_FILE)) as f:
+  with open(os.path.join(uninterrupted, workdir_files.RESULTS_FILE)) as f:
     results = json.load(f)
   assert results["step"] == 24 and np.isfinite(results["loss"])
-  for name in (train.METRICS_FILE, train.LOSS_CURVE_FILE, train.CONFIG_FILE, train.EXPORT_DIR):
+  for name in (workdir_files.METRICS_FILE, workdir_files.LOSS_CURVE_FILE, workdir_files.CONFIG_FILE, workdir_files.EXPORT_DIR):
     assert os.path.exists(os.path.join(uninterrupted, name)), name
   stopped_at, = [int(step) for step in os.listdir(os.path.join(interrupted,
-                                                               train.CHECKPOINT_DIR))]
+                                                               workdir_files.CHECKPOINT_DIR))]
   assert 1 <= stopped_at < 24 and f"stopped by SIGTERM after step {stopped_at}" in output
-  assert not os.path.exists(os.path.join(interrupted, train.RESULTS_FILE))
+  assert not os.path.exists(os.path.join(interrupted, workdir_files.RESULTS_FILE))
 
   resumed = run_main(args + [f"--workdir={interrupted}"], env=env)
   assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-  with open(os.path.join(interrupted, train.RESULTS_FILE)) as f:
+  with open(os.path.join(interrupted, workdir_files.RESULTS_FILE)) as f:
     assert json.load(f)["start_step"] == stopped_at
   jax.tree.map(np.testing.assert_array_equal, checkpointed_state(interrupted, 24),
                checkpointed_state(uninterrupted, 24))

@@ -87,7 +87,7 @@ def test_feature_shapes_for_every_depth(depth):
   for group, (size, channels) in enumerate([(16, 8), (8, 16), (4, 32), (2, 64)], start=1):
     assert features[f"block{group}"].shape == (2, size, size, expansion * channels)
   assert features["h"].shape == (2, 64 * expansion) and features["h"].dtype == jnp.float32
-  assert models.encoder_output_dim({"depth": depth, "width_multiplier": 0.125}) == 64 * expansion
+  assert models.ModelConfig(depth=depth, width_multiplier=0.125).representation_dim() == 64 * expansion
 
 
 def test_cifar_stem_keeps_the_resolution_and_widths_round():
@@ -439,7 +439,7 @@ def test_bfloat16_compute_with_float32_parameters():
      r"model config lacks \['depth'\]"),
     (lambda: models.create_model({"depth": 18, "width_multiplier": 1, "cifar_stem": "yes"},
                                  num_classes=2), r"cifar_stem must be True or False, got 'yes'"),
-    (lambda: models.encoder_output_dim({"depth": 51, "width_multiplier": 1}), r"got 51"),
+    (lambda: models.ModelConfig(depth=51, width_multiplier=1), r"got 51"),
 ])
 def test_bad_configuration_is_refused_with_what_is_allowed(build, message):
   with pytest.raises(ValueError, match=message):

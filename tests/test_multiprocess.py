@@ -22,7 +22,7 @@ import pytest
 from simclr_jax import checkpointing
 from simclr_jax import input_pipeline
 from simclr_jax import sharding
-from simclr_jax import train
+from simclr_jax import workdir_files
 from tests.helpers import relative_distance
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,8 +102,10 @@ def train_run(workdir, data_dir, num_processes, environments, knn_every_steps=0)
           f"--workdir={workdir}", f"--config.data_dir={data_dir}",
           f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=2",
           "--config.keep_checkpoints=3", "--config.log_every_steps=1",
-          f"--config.knn_every_steps={knn_every_steps}", "--config.knn_train_examples=128",
-          "--config.knn_eval_examples=64", "--config.data_shards=2"]
+          f"--config.evals.knn.enabled={knn_every_steps > 0}",
+          f"--config.evals.knn.every_steps={knn_every_steps}",
+          "--config.evals.knn.train_examples=128", "--config.evals.knn.eval_examples=64",
+          "--config.data_shards=2"]
   if num_processes == 1:
     return launch(lambda i: args, 1, environments[1])
   address = f"127.0.0.1:{free_port()}"
@@ -112,7 +114,7 @@ def train_run(workdir, data_dir, num_processes, environments, knn_every_steps=0)
 
 
 def state_at(workdir, step):
-  return checkpointing.read_state_as_numpy(os.path.join(workdir, train.CHECKPOINT_DIR), step)
+  return checkpointing.read_state_as_numpy(os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
 
 
 def assert_same_run(workdir, reference):
@@ -126,7 +128,7 @@ def assert_same_run(workdir, reference):
 
 
 def losses(workdir) -> dict[int, float]:
-  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_files.METRICS_FILE)) as f:
     return {record["step"]: record["loss"] for record in map(json.loads, f) if "loss" in record}
 
 
@@ -138,8 +140,8 @@ def assert_same_losses(workdir, reference):
 
 def resume_from(source, step, workdir):
   """A workdir holding only `source`'s checkpoint at `step`: a run stopped there."""
-  shutil.copytree(os.path.join(source, train.CHECKPOINT_DIR, str(step)),
-                  os.path.join(workdir, train.CHECKPOINT_DIR, str(step)))
+  shutil.copytree(os.path.join(source, workdir_files.CHECKPOINT_DIR, str(step)),
+                  os.path.join(workdir, workdir_files.CHECKPOINT_DIR, str(step)))
   return workdir
 
 
@@ -159,7 +161,7 @@ def runs(data_dir, environments, tmp_path_factory):
 def test_two_processes_continue_a_run_exactly_as_one_process_does(runs):
   one, two, _, _ = runs
   assert_same_run(two, one)  # restored a 1-process checkpoint, then trained steps 3-6
-  with open(os.path.join(two, train.RESULTS_FILE)) as f:
+  with open(os.path.join(two, workdir_files.RESULTS_FILE)) as f:
     results = json.load(f)
   assert (results["num_processes"], results["num_devices"], results["start_step"]) == (2, 8, 2)
   assert np.isfinite(results["knn_top1"])  # features gathered from both processes
@@ -168,13 +170,13 @@ def test_two_processes_continue_a_run_exactly_as_one_process_does(runs):
 def test_a_checkpoint_of_two_processes_resumes_on_one(runs):
   one, _, back, _ = runs
   assert_same_run(back, one)
-  with open(os.path.join(back, train.RESULTS_FILE)) as f:
+  with open(os.path.join(back, workdir_files.RESULTS_FILE)) as f:
     assert json.load(f)["start_step"] == 4
 
 
 def test_only_process_zero_writes_logs(runs):
   _, two, _, (output_0, output_1) = runs
-  with open(os.path.join(two, train.METRICS_FILE)) as f:
+  with open(os.path.join(two, workdir_files.METRICS_FILE)) as f:
     loss_steps = [record["step"] for record in map(json.loads, f) if "loss" in record]
   assert loss_steps == list(range(3, STEPS + 1))  # once per step, not once per process
   assert len([n for n in os.listdir(two) if n.startswith("events.out.tfevents")]) == 1

@@ -3,7 +3,8 @@
 The JAX ops are the reference: test_augment checks them against tf.image and the official
 sampling. Each native view must equal the JAX view of the same key and image to float32
 rounding, for every op with a kernel, in every combination the presets use, interleaved with
-ops that stay in JAX, on odd and non-square sizes, and inside shard_map on 8 devices.
+ops that stay in JAX, on odd and non-square sizes, and inside shard_map on 8 devices. Choosing
+the backend: test_native_backends.
 """
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import augment
-from simclr_jax import native
+from simclr_jax.native import augment as native_augment
 
 # Measured: 3e-6 at most (sums in another order, a division where JAX multiplies). A wrong
 # step (order, coin, box, flip axis) moves pixels by 0.05 or more.
@@ -82,25 +83,14 @@ def test_gradients_flow_past_native_augmentation():
                              jnp.sum(jax.vmap(augment_view)(keys, images)), rtol=1e-6)
 
 
-def test_auto_picks_native_on_the_cpu_backend_and_falls_back_with_the_reason(monkeypatch,
-                                                                             caplog):
-  assert augment.resolve_backend("auto") == "native"
-  assert augment.resolve_backend("jax") == "jax"
-  monkeypatch.setattr(native, "augment_kernels_unavailable_reason", lambda: "no compiler")
-  assert augment.resolve_backend("auto") == "jax"
-  assert "no compiler" in caplog.text
-  with pytest.raises(ValueError, match="'native' cannot run here: no compiler"):
-    augment.build_augmentation(augment.get_preset("simclr_cifar"), 8, backend="native")
-
-
 def test_bad_backends_and_calls_are_refused_with_a_clear_message():
   with pytest.raises(ValueError, match="augment_backend='gpu'; allowed: auto, jax, native"):
     augment.build_augmentation(augment.get_preset("simclr_cifar"), 8, backend="gpu")
   image = jnp.zeros((8, 8, 3))
   call = lambda params, steps: jax.ffi.ffi_call(
-      "simclr_augment_steps", jax.ShapeDtypeStruct((8, 8, 3), jnp.float32))(
+      native_augment.TARGET, jax.ShapeDtypeStruct((8, 8, 3), jnp.float32))(
           image, jnp.asarray(params, jnp.float32), steps=np.asarray(steps, np.int64))
-  native.register_augment_kernels()
+  native_augment.KERNELS.register()
   with pytest.raises(Exception, match="unknown step 9"):
     jax.block_until_ready(call([1.0], [9]))
   with pytest.raises(Exception, match="the number of params do not match"):

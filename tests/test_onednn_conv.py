@@ -1,11 +1,8 @@
-"""oneDNN convolutions (the CPU default) equal XLA's, its bfloat16 ones equal float32 convolutions
-of bfloat16-rounded operands, inside `shard_map` on 8 devices as on one, and what cannot run is
-refused or falls back to XLA with the reason.
+"""oneDNN convolutions (the CPU default, simclr_jax/native/conv.py) equal XLA's, its bfloat16 ones
+equal float32 convolutions of bfloat16-rounded operands, inside `shard_map` on 8 devices as on
+one, and what they do not run goes to XLA. Choosing the backend: test_native_backends.
 """
 import functools
-import logging
-import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import features
 from simclr_jax import models
 from simclr_jax import native
-from simclr_jax.models import onednn_conv
+from simclr_jax.native import conv as onednn_conv
 from tests.helpers import relative_distance
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -68,7 +64,7 @@ def calls_onednn(function, *args) -> bool:
 def test_float32_passes_equal_xla(case):
   x_shape, kernel_shape, strides, padding = CASES[case]
   x, kernel = random_inputs(x_shape, kernel_shape)
-  conv = functools.partial(models.conv_function("onednn"), window_strides=strides,
+  conv = functools.partial(native.conv_function("onednn"), window_strides=strides,
                            padding=padding, dimension_numbers=NHWC)
   dy = jax.random.normal(jax.random.key(2), jax.eval_shape(conv, x, kernel).shape)
   assert calls_onednn(jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy), (0, 1)), x, kernel)
@@ -83,7 +79,7 @@ def test_bfloat16_backend_is_a_float32_conv_of_bfloat16_operands(case):
   and sums the products in float32; results are float32, not rounded again."""
   x_shape, kernel_shape, strides, padding = CASES[case]
   x, kernel = random_inputs(x_shape, kernel_shape)
-  conv = functools.partial(models.conv_function("onednn_bf16"), window_strides=strides,
+  conv = functools.partial(native.conv_function("onednn_bf16"), window_strides=strides,
                            padding=padding, dimension_numbers=NHWC)
   dy = jax.random.normal(jax.random.key(2), jax.eval_shape(conv, x, kernel).shape)
   rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
@@ -117,7 +113,7 @@ def test_eight_devices_in_shard_map_equal_one(backend):
   """Each device convolves its own shard; the kernel's gradient is summed over devices, as for
   XLA's convolutions (global batch norm and the trainer: test_train)."""
   x, kernel = random_inputs((16, 8, 8, 4), (3, 3, 4, 6))
-  conv = models.conv_function(backend)
+  conv = native.conv_function(backend)
   loss = lambda x, k: jnp.sum(jnp.tanh(conv(x, k, (2, 2), ((1, 1), (1, 1)),
                                             dimension_numbers=NHWC)))
   mesh = jax.make_mesh((8,), ("data",))
@@ -136,76 +132,30 @@ def test_the_kernels_reject_other_dtypes_with_a_clear_error():
   x, kernel = random_inputs((2, 4, 4, 3), (3, 3, 3, 2), jnp.float16)
   with pytest.raises(Exception, match="operands must be F32 or BF16"):
     jax.block_until_ready(jax.jit(lambda x, k: onednn_conv._call(
-        "simclr_conv_forward", (2, 4, 4, 2), x, k, strides=(1, 1),
+        onednn_conv.FORWARD, (2, 4, 4, 2), x, k, strides=(1, 1),
         padding=((1, 1), (1, 1))))(x, kernel))
 
 
-def test_auto_picks_onednn_on_the_cpu_backend():
-  assert jax.default_backend() == "cpu"
-  assert models.resolve_conv_backend("auto") == "onednn"
-  assert models.resolve_conv_backend("xla") == "xla"
-  assert models.resolve_conv_backend("onednn_bf16") == "onednn_bf16"
-
-
-def test_without_the_kernels_auto_falls_back_to_xla_and_names_the_reason(monkeypatch, caplog):
-  reason = "no C++ compiler found"
-  monkeypatch.setattr(native, "onednn_conv_unavailable_reason", lambda: reason)
-  with caplog.at_level(logging.WARNING):
-    assert models.resolve_conv_backend("auto") == "xla"
-  assert reason in caplog.text
-  with pytest.raises(ValueError, match=re.escape(f"cannot run here: {reason}. Use 'auto' or 'xla'")):
-    models.resolve_conv_backend("onednn")
-
-
 @pytest.mark.parametrize("call, message", [
-    (lambda: models.resolve_conv_backend("mkl"), "allowed: auto, xla, onednn"),
-    (lambda: models.create_model({"depth": 18, "width_multiplier": 1}, num_classes=2,
-                                 conv_backend="auto"), "resolve 'auto' first"),
-    (lambda: features.create_classifier({"depth": 18, "width_multiplier": 1}, num_classes=2,
-                                        conv_backend="mkl"), "'xla', 'onednn' or 'onednn_bf16'"),
+    (lambda: models.ResNet(18, conv_backend="auto"), "resolve 'auto' first"),
+    (lambda: models.ResNet(18, conv_backend="mkl"), "'xla', 'onednn' or 'onednn_bf16'"),
 ])
 def test_bad_conv_backends_are_refused_with_what_to_use(call, message):
   with pytest.raises(ValueError, match=message):
     call()
 
 
-def test_a_failing_build_says_why_and_leaves_nothing_behind(monkeypatch, tmp_path):
-  monkeypatch.setenv("SIMCLR_JAX_CACHE", str(tmp_path))
-  monkeypatch.setattr(native, "SOURCE_DIR", str(tmp_path))
-  (tmp_path / "broken.cc").write_text("this is not C++\n")
-  with pytest.raises(native.NativeUnavailable, match="building broken.cc failed"):
-    native._build("broken.cc", [])
-  assert os.listdir(tmp_path / "native") == []
-  monkeypatch.setenv("CXX", "no-such-compiler")
-  monkeypatch.setenv("PATH", "")
-  with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler found"):
-    native._build("broken.cc", [])
-
-
-def test_the_build_is_cached_by_source(monkeypatch, tmp_path):
-  monkeypatch.setenv("SIMCLR_JAX_CACHE", str(tmp_path))
-  monkeypatch.setattr(native, "SOURCE_DIR", str(tmp_path))
-  source = tmp_path / "answer.cc"
-  source.write_text('extern "C" int answer() { return 42; }\n')
-  first = native._build("answer.cc", [])
-  assert native._build("answer.cc", []) == first
-  source.write_text('extern "C" int answer() { return 43; }\n')
-  second = native._build("answer.cc", [])
-  assert second != first and sorted(os.listdir(tmp_path / "native")) == sorted(
-      os.path.basename(path) for path in (first, second))
-
-
 def test_finetuning_classifier_gets_the_same_gradients_from_each_backend():
-  """The fine-tune / supervised model (features.Classifier), partly frozen as fine-tuning does."""
-  model_config = {"depth": 18, "width_multiplier": 0.125, "cifar_stem": True}
+  """The fine-tune / supervised model (models.Classifier), partly frozen as fine-tuning does."""
+  model_config = models.ModelConfig(depth=18, width_multiplier=0.125, cifar_stem=True)
   images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
   labels = jnp.arange(4) % 3
   grads = {}
   variables = jax.jit(functools.partial(
-      features.create_classifier(model_config, num_classes=3, conv_backend="xla").init,
+      models.Classifier(model_config, num_classes=3, conv_backend="xla").init,
       train=False))(jax.random.key(1), images)  # the same variables for every backend
   for backend in ("xla", "onednn", "onednn_bf16"):
-    classifier = features.create_classifier(model_config, num_classes=3, conv_backend=backend)
+    classifier = models.Classifier(model_config, num_classes=3, conv_backend=backend)
 
     def loss(params):
       logits, _ = classifier.apply({**variables, "params": params}, images, train=True,

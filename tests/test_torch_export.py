@@ -14,7 +14,7 @@ import safetensors.numpy
 
 from simclr_jax import export
 from simclr_jax import models
-from simclr_jax import torch_export
+from simclr_jax.interop import torch_export
 
 TINY_R18 = dict(depth=18, width_multiplier=0.125, cifar_stem=True)
 
@@ -101,11 +101,12 @@ def test_names_and_layouts_follow_torchvision(depth, layers, bottleneck, downsam
   np.testing.assert_array_equal(tensors["projection_head.bn_1.bias"], np.zeros(16, np.float32))
 
   description = torch_export.architecture(config, variables["params"])
+  representation_dim = models.ModelConfig.from_mapping(config).representation_dim()
   assert description["layers"] == layers
   assert description["block"] == ("bottleneck" if bottleneck else "basic")
-  assert description["representation_dim"] == models.encoder_output_dim(config)
+  assert description["representation_dim"] == representation_dim
   assert description["bn_momentum"] == pytest.approx(0.1)
-  assert description["projection_head"]["dims"] == [models.encoder_output_dim(config), 16]
+  assert description["projection_head"]["dims"] == [representation_dim, 16]
 
 
 def test_export_tool_writes_safetensors_and_json(tmp_path):

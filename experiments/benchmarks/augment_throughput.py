@@ -5,7 +5,7 @@ CIFAR-10 images, held in memory as uint8 so neither side measures decoding, in t
 on the same CPU. The tf.data side is what the official SimCLR code does: a parallel `map` of
 per-image `tf.image` calls (sample_distorted_bounding_box crop + bicubic resize, random flip,
 colour jitter in random order, grayscale, depthwise-conv blur). The JAX side jits the trainer's
-own `train.augment_views`: per-image keys, and `build_augmentation(...)` vmapped over the batch,
+own `augment.augment_batch`: per-image keys, and `build_augmentation(...)` vmapped over the batch,
 once per augmentation backend in `--backends` (by default the trainer's default, 'auto', which
 is 'native' on CPU, then 'jax' for comparison; one row each). Rounds alternate between the
 pipelines; medians are reported, as images per wall-clock second and per CPU-second of this
@@ -25,7 +25,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_jax import augment
-from simclr_jax import train
+from simclr_jax import native
 
 TF_SUPPORTED_OPS = ("random_resized_crop", "flip", "color_jitter", "grayscale", "blur")
 
@@ -135,8 +135,8 @@ def tf_pass(images: np.ndarray, config, size: int, batch_size: int) -> int:
 def jax_two_views(config, size: int, backend: str):
   """jit(the trainer's two views of a uint8 batch), keys from (step, global index)."""
   augment_view = augment.build_augmentation(config, size, backend=backend)
-  return jax.jit(lambda base_key, step, images, indices: train.augment_views(
-      augment_view, images, indices, base_key, step))
+  return jax.jit(lambda base_key, step, images, indices: augment.augment_batch(
+      augment_view, images, indices, base_key, step, num_views=2))
 
 
 def jax_pass(two_views, images: np.ndarray, batch_size: int) -> int:
@@ -185,11 +185,11 @@ def main():
   parser.add_argument("--rounds", type=int, default=3, help="alternating passes per pipeline")
   parser.add_argument("--backends", default="auto,jax",
                       help="augmentation backends of the JAX side, one row each (of "
-                      f"{', '.join(augment.BACKENDS)})")
+                      f"{', '.join(native.backend_choices('augment_backend'))})")
   args = parser.parse_args()
   tf.config.set_visible_devices([], "GPU")
   backends = args.backends.split(",")
-  resolved = [augment.resolve_backend(backend) for backend in backends]
+  resolved = [native.resolve_backend("augment_backend", backend) for backend in backends]
 
   runs = [("simclr_cifar", 32, args.num_images, args.batch_size)]
   if args.num_images_224:

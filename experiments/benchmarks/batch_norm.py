@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simclr_jax import models  # noqa: E402
+from simclr_jax.native import resolve_backend  # noqa: E402
 
 
 def best_milliseconds(function, *args, calls: int, repeats: int) -> float:
@@ -64,7 +65,7 @@ def main(argv) -> None:
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
   host_memory.keep_freed_memory()
-  models.resolve_norm_backend("native")  # says why, before measuring, if the kernels cannot run
+  resolve_backend("norm_backend", "native")  # says why, before measuring, if the kernels cannot run
   rng = np.random.default_rng(0)
   double = jax.jit(lambda x: 2.0 * x)
   print(f"Batch norm training pass (forward + backward, ReLU), jax {jax.__version__} on "

@@ -7,7 +7,7 @@ For every distinct 3x3 conv shape of the CIFAR-stem ResNet-18 at `--width` (stri
 of its FLOPs) it times, jitted, the three passes of training: forward (y = x * k), input
 gradient (dx) and kernel gradient (dk), each as XLA's convolution and as the alternative a user
 would try first, im2col patches + one matmul (dk from saved patches too, the best case of a
-custom VJP that keeps them), and oneDNN through `simclr_jax.models.onednn_conv` (XLA FFI custom
+custom VJP that keeps them), and oneDNN through `simclr_jax.native.conv` (XLA FFI custom
 calls): the forward and both gradients together, in `--dtype` (float32: the 'onednn' backend, the
 CPU default; bfloat16: 'onednn_bf16'). With --torch_python, the same convolutions in PyTorch
 (torch_peer.py --conv_layers), which calls the same oneDNN kernels from eager code: the oneDNN
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from simclr_jax.models import onednn_conv  # noqa: E402
+from simclr_jax.native import conv as onednn_conv  # noqa: E402
 from train_step import PEER_SCRIPT, check_torch_python, run_peer  # noqa: E402
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")

@@ -5,7 +5,7 @@ r"""Pretraining step speed against this machine's float32 matmul ceiling and a P
       [--norm_backends=jax,native] [--torch_python=/path/to/venv/bin/python] [--default_malloc]
 
 For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
-builds the trainer's own update step (simclr_jax.train.make_train_step: both views through
+builds the trainer's own update step (simclr_jax.jobs.pretrain.make_train_step: both views through
 the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('sgd') and no
 augmentation unless --augment names a preset) on one device, once per convolution backend
 (config.conv_backend: XLA's own convolutions; oneDNN's float32 convolutions, the CPU default;
@@ -41,7 +41,8 @@ import optax
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
-from simclr_jax import augment, host_memory, models, optim, train  # noqa: E402
+from simclr_jax import augment, host_memory, models, native, optim, sharding  # noqa: E402
+from simclr_jax.jobs import pretrain  # noqa: E402
 
 NUM_CLASSES = 10
 TEMPERATURE = 0.5
@@ -58,26 +59,27 @@ def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int
                         augment_preset: str = "none", conv_backend: str = "xla",
                         norm_backend: str = "jax", seed: int = 0
                         ) -> tuple[Callable, tuple[Any, Any]]:
-  """The trainer's own update step (simclr_jax.train.make_train_step) on one device, with SGD.
+  """The trainer's own update step (jobs.pretrain.make_train_step) on one device, with SGD.
 
   Returns (step, (state, batch)); step(state, batch) -> (state, metrics) donates the state, as in
   training. The batch holds random uint8 images; `augment_preset` 'none' leaves only the uint8 to
   float conversion, so the step is the model, loss and optimizer the PyTorch peer runs.
   """
-  mesh = jax.make_mesh((1,), (train.DATA_AXIS,), devices=jax.devices()[:1])
-  model = models.create_model(model_config_, num_classes=NUM_CLASSES, axis_name=train.DATA_AXIS,
+  mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
+  model = models.create_model(model_config_, num_classes=NUM_CLASSES, axis_name=sharding.DATA_AXIS,
                               conv_backend=conv_backend, norm_backend=norm_backend)
   learning_rate = optax.constant_schedule(0.1)
   optimizer = optim.create_optimizer("sgd", learning_rate, weight_decay=1e-6, momentum=0.9)
   augment_view = augment.build_augmentation(augment.get_preset(augment_preset), image_size)
-  state = train.create_train_state(model, optimizer, seed=seed, image_size=image_size, mesh=mesh)
+  state = pretrain.create_train_state(model, optimizer, seed=seed, image_size=image_size,
+                                      mesh=mesh)
   rng = np.random.default_rng(seed)
   batch = jax.device_put({
       "image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),
       "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
       "index": np.arange(batch_size, dtype=np.int32),
-  }, jax.NamedSharding(mesh, jax.P(train.DATA_AXIS)))
-  step = train.make_train_step(model, optimizer, augment_view, temperature=TEMPERATURE,
+  }, jax.NamedSharding(mesh, jax.P(sharding.DATA_AXIS)))
+  step = pretrain.make_train_step(model, optimizer, augment_view, temperature=TEMPERATURE,
                                learning_rate_fn=learning_rate, mesh=mesh)
   return step, (state, batch)
 
@@ -241,10 +243,10 @@ def main(argv) -> None:
 
   conv_backends = args.conv_backends.split(",")
   for backend in conv_backends:
-    models.resolve_conv_backend(backend)
+    native.resolve_backend("conv_backend", backend)
   norm_backends = args.norm_backends.split(",")
   for backend in norm_backends:
-    models.resolve_norm_backend(backend)
+    native.resolve_backend("norm_backend", backend)
   widths = [float(w) for w in args.widths.split(",")]
   runs = [(f"ResNet-18 CIFAR w={w:g}, 32 px", model_config(18, w, True), args.batch_size, 32)
           for w in widths]
@@ -283,7 +285,7 @@ def main(argv) -> None:
     print(f"measured {name}", file=sys.stderr, flush=True)
   ceilings.append(measure_matmul(args.matmul_size, args.repeats))
   ceiling = max(ceilings)
-  print(f"SimCLR pretraining step (simclr_jax.train.make_train_step, float32 parameters, SGD, "
+  print(f"SimCLR pretraining step (jobs.pretrain.make_train_step, float32 parameters, SGD, "
         f"NT-Xent + online probe, augment={args.augment!r}), jax {jax.__version__} "
         f"on {jax.devices()[0].platform} x{os.cpu_count()} cores, "
         f"{datetime.date.today().isoformat()}. Ceiling: XLA float32 {args.matmul_size}^3 matmul "

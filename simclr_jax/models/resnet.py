@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax import native
 from simclr_jax.models.batch_norm import BatchNorm
 
 # depth -> (block kind, number of blocks in each of the 4 groups), as in the official resnet_v1().
@@ -188,13 +189,14 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
   dtype: Any = jnp.float32
-  conv_general_dilated: Callable | None = None  # None: lax's; see onednn_conv for the CPU one
-  native_batch_norm: bool = False  # batch norm (+ ReLU, + residual) from CPU kernels: batch_norm
+  conv_backend: str = "xla"  # resolved; 'onednn', 'onednn_bf16': CPU kernels (simclr_jax.native)
+  norm_backend: str = "jax"  # resolved; 'native': batch norm (+ ReLU, + residual) CPU kernels
 
   def __post_init__(self):
     super().__post_init__()
     validate_resnet_args(self.depth, self.width_multiplier, self.sk_ratio, self.bn_momentum,
                          self.bn_epsilon)
+    native.check_resolved(conv_backend=self.conv_backend, norm_backend=self.norm_backend)
 
   @nn.compact
   def __call__(self, x, *, train: bool, stop_gradient_after_block: int = -1):
@@ -212,14 +214,14 @@ class ResNet(nn.Module):
     block_kind, group_sizes = BLOCK_GROUPS[self.depth]
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
                              dtype=self.dtype, param_dtype=jnp.float32,
-                             conv_general_dilated=self.conv_general_dilated)
+                             conv_general_dilated=native.conv_function(self.conv_backend))
 
     def norm_for_stage(stage: int) -> ModuleFactory:
       frozen = stage <= stop_gradient_after_block
       return functools.partial(BatchNorm, use_running_average=frozen or not train,
                                momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                                axis_name=self.axis_name, dtype=self.dtype,
-                               param_dtype=jnp.float32, native=self.native_batch_norm)
+                               param_dtype=jnp.float32, native=self.norm_backend == "native")
 
     def end_of_stage(stage: int, x: jax.Array) -> jax.Array:
       features[FEATURE_NAMES[stage]] = x

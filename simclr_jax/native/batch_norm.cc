@@ -12,7 +12,7 @@
 //   simclr_bn_grad_sums    sums[2, C]  = [sum g, sum g * x]   g = dy, masked by y > 0 if relu
 //   simclr_bn_grad_input   dx = a * g + b * x + c (+ the residual's gradient, g itself)
 // The per-channel arithmetic between the passes (the cross-device sum of the statistics, mean,
-// variance, a, b, c) stays in JAX: see simclr_jax/models/batch_norm.py. Sums are taken in float
+// variance, a, b, c) stays in JAX: see simclr_jax/native/batch_norm.py. Sums are taken in float
 // over blocks of rows and added up in double, so they do not lose precision with the batch size.
 // Rows are split over XLA's own intra-op threads (parallel.h).
 

@@ -10,7 +10,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from simclr_jax import convert_tf1
+from simclr_jax.interop import convert_tf1
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "TF1 checkpoint prefix (DIR/model.ckpt-N) or a directory holding one.",

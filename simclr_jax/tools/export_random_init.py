@@ -10,7 +10,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from simclr_jax import train
+from simclr_jax.jobs import pretrain
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A pretraining config file.",
                                           lock_config=True)
@@ -20,7 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  print(f"wrote {train.export_initialization(_CONFIG.value, _WORKDIR.value)}")
+  print(f"wrote {pretrain.export_initialization(_CONFIG.value, _WORKDIR.value)}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Then, in PyTorch: `safetensors.torch.load_file('DIR/model.safetensors')` into a 
 from absl import app
 from absl import flags
 
-from simclr_jax import torch_export
+from simclr_jax.interop import torch_export
 
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Encoder export directory (model.json + "
                                  "variables/) or a run's workdir holding one in export/.")

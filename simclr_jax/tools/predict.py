@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from simclr_jax import export
 from simclr_jax import features
 from simclr_jax import input_pipeline
 from simclr_jax import sharding
@@ -42,7 +43,7 @@ def predict(init_from: str, dataset: str, *, data_dir: str | None, split: str, o
   """Writes the PNG(s); returns {'top1': accuracy over the images used, 'num_examples': ...}."""
   if num_images < 1:
     raise ValueError(f"num_images must be >= 1, got {num_images}")
-  classifier, variables, encoder_export = features.load_classifier_export(
+  classifier, variables, encoder_export = export.load_classifier_export(
       init_from, projection_layer=projection_layer)
   image_size = image_size or int(encoder_export.metadata.get("image_size", 0))
   if image_size <= 0:
@@ -60,7 +61,8 @@ def predict(init_from: str, dataset: str, *, data_dir: str | None, split: str, o
       dataset, data_dir=data_dir, split=split, global_batch_size=global_batch_size,
       image_size=image_size, mesh=mesh)
   evaluated = features.run_over_dataset(
-      features.make_logits_fn(classifier, mesh), variables, batches, keep_images=num_images,
+      features.sharded_apply(lambda v, images: classifier.apply(v, images, train=False)[0], mesh),
+      variables, batches, keep_images=num_images,
       max_examples=0 if confusion_matrix else num_images)
   logits, labels = evaluated["outputs"], evaluated["labels"]
   shown = len(evaluated["images"])

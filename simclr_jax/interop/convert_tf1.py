@@ -298,7 +298,7 @@ def plan_conversion(checkpoint: str, *, depth: int | None = None,
   shapes = {name: tuple(shape) for name, shape in all_shapes.items() if not _is_skipped(name)}
   model_config = infer_model_config(shapes, depth=depth, width_multiplier=width_multiplier,
                                     sk_ratio=sk_ratio)
-  models.model_kwargs(model_config)  # a clear error for values the model cannot take
+  models.ModelConfig.from_mapping(model_config)  # a clear error for values it cannot take
   has_projection_head = any(name.startswith("head_contrastive/") for name in shapes)
   has_supervised_head = any(name.startswith("head_supervised/") for name in shapes)
   num_classes = int(shapes[_SUPERVISED_KERNEL][1]) if _SUPERVISED_KERNEL in shapes else 0

@@ -38,7 +38,6 @@ import numpy as np
 import safetensors.numpy
 
 from simclr_jax import export
-from simclr_jax import features
 
 SAFETENSORS_FILE = "model.safetensors"
 ARCHITECTURE_FILE = "model.json"
@@ -169,7 +168,7 @@ def export_safetensors(init_from: str, out_dir: str) -> tuple[str, str]:
 
   `init_from` is the export or the workdir holding it in export/ (pretraining, probe, fine-tune).
   """
-  encoder_export = export.load_encoder(features.resolve_export_dir(init_from))
+  encoder_export = export.load_encoder(export.resolve_export_dir(init_from))
   description = architecture(encoder_export.model_config, encoder_export.params)
   tensors = torch_state_dict(encoder_export.params, encoder_export.batch_stats)
   os.makedirs(out_dir, exist_ok=True)

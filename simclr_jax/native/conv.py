@@ -3,18 +3,15 @@
 XLA's CPU convolutions compute the kernel gradient at 10-20% of the machine's matmul speed
 (experiments/results/conv_layers.md), and it is a third of a training step's convolution work.
 oneDNN, which PyTorch and TensorFlow use on CPUs, runs all three passes near matmul speed. The
-kernels are in `simclr_jax/native/onednn_conv.cc`: XLA calls them as custom calls with the
-operands' own buffers, on the thread that runs the computation, so they work on any number of
-CPU devices per process and inside `shard_map`. Two backends:
+kernels are in `onednn_conv.cc`: XLA calls them as custom calls with the operands' own buffers,
+on the thread that runs the computation, so they work on any number of CPU devices per process
+and inside `shard_map`. Two backends besides 'xla' (XLA's own convolutions):
 
 - 'onednn': float32, the forward pass and both gradients.
 - 'onednn_bf16': operands rounded to bfloat16, products summed and results returned in float32,
   as a TPU's default precision does for float32 convolutions; for CPUs with bfloat16 matrix units
   (AMX, AVX512-BF16). Parameters, batch norm and the loss stay float32. On a CPU without those
   units compare it with 'onednn' before choosing it.
-
-`resolve_conv_backend('auto')` picks 'onednn' on the CPU backend when the kernels can be built
-(oneDNN's wheels and a C++ compiler, see `simclr_jax.native`), XLA's own convolutions otherwise.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, which is what `nn.Conv` calls.
 It handles float32 NHWC/HWIO convolutions without dilation or groups, which covers every
@@ -28,29 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simclr_jax import native, sharding
+from simclr_jax.native import build
+from simclr_jax.native.varying import vary_alike
 
-CONV_BACKENDS = ("auto", "xla", "onednn", "onednn_bf16")
+FORWARD, BACKWARD_DATA, BACKWARD_WEIGHTS = TARGETS = (
+    "simclr_conv_forward", "simclr_conv_backward_data", "simclr_conv_backward_weights")
+KERNELS = build.Kernels("onednn_conv.cc", TARGETS, build.onednn_build)
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_conv_backend(backend: str) -> str:
-  """'xla', 'onednn' or 'onednn_bf16' for `config.conv_backend`; 'auto' picks 'onednn' where it
-  can run. Raises ValueError for an unknown name or a oneDNN backend that cannot run here."""
-  return native.resolve_backend(
-      "conv_backend", backend, choices=CONV_BACKENDS, portable="xla", native_default="onednn",
-      unavailable_reason=native.onednn_conv_unavailable_reason,
-      fallback="XLA's slower CPU convolutions")
-
-
-def conv_function(backend: str) -> Callable | None:
-  """The `conv_general_dilated` for `nn.Conv` ('xla': None, which keeps lax's own)."""
+def conv_function(backend: str) -> Callable:
+  """The `conv_general_dilated` for `nn.Conv` of a resolved conv backend: lax's for 'xla', the
+  oneDNN one computing in float32 ('onednn') or bfloat16 ('onednn_bf16')."""
   if backend == "xla":
-    return None
-  if backend not in _COMPUTE_DTYPES:
-    raise ValueError(f"conv backend {backend!r}: 'xla', 'onednn' or 'onednn_bf16' (resolve 'auto' "
-                     "first)")
-  native.register_onednn_conv()  # a missing compiler or oneDNN fails here, not when tracing
+    return jax.lax.conv_general_dilated
+  KERNELS.register()  # a missing compiler or oneDNN fails here, not when tracing
   return functools.partial(conv_general_dilated, compute_dtype=_COMPUTE_DTYPES[backend])
 
 
@@ -62,7 +51,7 @@ def _output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, ...]:
 
 def _call(target: str, result_shape, *operands, strides, padding):
   """One oneDNN pass; the float32 result varies over the same mesh axes as the operands."""
-  native.register_onednn_conv()
+  KERNELS.register()
   result = jax.typeof(operands[0]).update(shape=result_shape, dtype=jnp.float32)
   return jax.ffi.ffi_call(target, result, vmap_method="sequential")(
       *operands, strides=np.asarray(strides, np.int64),
@@ -72,7 +61,7 @@ def _call(target: str, result_shape, *operands, strides, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _onednn_conv(x, kernel, strides, padding, compute_dtype):
-  return _call("simclr_conv_forward", _output_shape(x.shape, kernel.shape, strides, padding),
+  return _call(FORWARD, _output_shape(x.shape, kernel.shape, strides, padding),
                x.astype(compute_dtype), kernel.astype(compute_dtype),
                strides=strides, padding=padding)
 
@@ -85,9 +74,8 @@ def _onednn_conv_forward(x, kernel, strides, padding, compute_dtype):
 def _onednn_conv_backward(strides, padding, compute_dtype, residuals, dy):
   x, kernel = residuals
   dy = dy.astype(compute_dtype)
-  dx = _call("simclr_conv_backward_data", x.shape, dy, kernel, strides=strides, padding=padding)
-  dkernel = _call("simclr_conv_backward_weights", kernel.shape, x, dy, strides=strides,
-                  padding=padding)
+  dx = _call(BACKWARD_DATA, x.shape, dy, kernel, strides=strides, padding=padding)
+  dkernel = _call(BACKWARD_WEIGHTS, kernel.shape, x, dy, strides=strides, padding=padding)
   return dx, dkernel
 
 
@@ -119,7 +107,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
       batch_group_count):
     strides = tuple(int(s) for s in window_strides)
     padding = tuple((int(low), int(high)) for low, high in padding)
-    return _onednn_conv(*sharding.vary_alike(lhs, rhs), strides, padding, compute_dtype)
+    return _onednn_conv(*vary_alike(lhs, rhs), strides, padding, compute_dtype)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,

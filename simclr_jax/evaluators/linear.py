@@ -9,11 +9,16 @@ solver for every strength; each fit runs until its gradient norm falls below the
 """
 import dataclasses
 import functools
+from typing import Any, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from simclr_jax import features
+from simclr_jax.evaluators import Evaluator
 
 # A feature whose standard deviation is below this is constant (e.g. a dead ReLU channel): it is
 # centred but not scaled, so it stays 0 instead of becoming noise / 0.
@@ -118,9 +123,14 @@ def fit_transfer_probe(features: np.ndarray, labels: np.ndarray, *, num_classes:
   fitting_features = jnp.asarray(standardize(features[fitting]))
   fitting_labels = jnp.asarray(labels[fitting])
   validation_features = standardize(features[validation])
-  validation_accuracies = np.array([
-      accuracy(fit(fitting_features, fitting_labels, strength)[0], validation_features,
-               labels[validation]) for strength in l2_grid])
+  validation_accuracies = []
+  for i, strength in enumerate(l2_grid):
+    validation_accuracies.append(accuracy(fit(fitting_features, fitting_labels, strength)[0],
+                                          validation_features, labels[validation]))
+    logging.info("L-BFGS strength %d of %d: l2=%.3g, held-out top-1 %.4f (best so far %.4f)",
+                 i + 1, len(l2_grid), strength, validation_accuracies[-1],
+                 max(validation_accuracies))
+  validation_accuracies = np.array(validation_accuracies)
   # Among equally accurate strengths, the strongest regularisation.
   best = max(range(len(l2_grid)), key=lambda i: (validation_accuracies[i], l2_grid[i]))
 
@@ -133,3 +143,39 @@ def fit_transfer_probe(features: np.ndarray, labels: np.ndarray, *, num_classes:
                        validation_accuracy=float(validation_accuracies[best]),
                        validation_accuracies=validation_accuracies, l2_grid=l2_grid,
                        iterations=int(iterations))
+
+
+class LinearEvaluator(Evaluator):
+  """The transfer protocol on a representation: top-1 on the eval split of an L-BFGS probe fit on
+  train features; the fitted probe stays in `last_probe` (a probe job exports it).
+
+  `config` is a `config.evals.linear` / `config.lbfgs` block: every_steps, train_examples and
+  eval_examples (0 = the whole split), validation_fraction, l2_min, l2_max, l2_num,
+  max_iterations, tolerance.
+  """
+
+  def __init__(self, config: Mapping[str, Any], representations: features.SplitFeatures, *,
+               train_split: str, eval_split: str, num_classes: int, seed: int):
+    self.every_steps = config["every_steps"]
+    self._config = config
+    self._representations = representations
+    self._splits = (train_split, eval_split)
+    self._num_classes = num_classes
+    self._seed = seed
+    self.last_probe: TransferProbe | None = None
+
+  def run(self, state: Any) -> dict[str, float]:
+    config = self._config
+    train = self._representations(state, self._splits[0], max_examples=config["train_examples"])
+    test = self._representations(state, self._splits[1], max_examples=config["eval_examples"])
+    probe = fit_transfer_probe(
+        train["outputs"], train["labels"], num_classes=self._num_classes,
+        l2_grid=np.geomspace(config["l2_min"], config["l2_max"], config["l2_num"]),
+        validation_fraction=config["validation_fraction"], seed=self._seed,
+        max_iterations=config["max_iterations"], tolerance=config["tolerance"])
+    logging.info("L-BFGS probe: l2=%g chosen (held-out top-1 %.4f), refit in %d iterations",
+                 probe.l2, probe.validation_accuracy, probe.iterations)
+    self.last_probe = probe
+    predictions = probe.logits(test["outputs"]).argmax(axis=1)
+    return {"linear_top1": float(np.mean(predictions == test["labels"])),
+            "linear_l2": probe.l2, "linear_validation_top1": probe.validation_accuracy}

@@ -1,4 +1,4 @@
-"""The trainer: 1 device == 8 devices, the probe cannot touch the encoder, exact resume, safe stops.
+"""Pretraining: 1 device == 8 devices, the probe cannot touch the encoder, exact resume, safe stops.
 
 Everything runs the smoke recipe (ResNet-18 at width 1/8, 32 px, batch 32) on the generated
 `synthetic_shapes`, prepared into a temporary data_dir.
@@ -22,8 +22,10 @@ from simclr_jax import export
 from simclr_jax import input_pipeline
 from simclr_jax import models
 from simclr_jax import optim
+from simclr_jax import loop
 from simclr_jax import sharding
-from simclr_jax import train
+from simclr_jax import workdir_files
+from simclr_jax.jobs import pretrain
 from tests.helpers import relative_distance, set_fields
 
 DATASET = "synthetic_shapes"
@@ -55,7 +57,7 @@ def data_dir(tmp_path_factory) -> str:
 def smoke_config(data_dir: str, **overrides):
   config = smoke_pretrain.get_config()
   config.data_dir = data_dir
-  config.knn_every_steps = 0
+  config.evals.knn.enabled = False
   return set_fields(config, **overrides)
 
 
@@ -73,9 +75,9 @@ def build(config, mesh, conv_backend="xla", norm_backend="jax"):
   optimizer = optim.create_optimizer("lars", schedule,
                                      weight_decay=config.optimizer.weight_decay)
   augment_view = augment.build_augmentation(config.augment, config.image_size)
-  state = train.create_train_state(model, optimizer, seed=config.seed,
+  state = pretrain.create_train_state(model, optimizer, seed=config.seed,
                                    image_size=config.image_size, mesh=mesh)
-  step = train.make_train_step(model, optimizer, augment_view, temperature=config.temperature,
+  step = pretrain.make_train_step(model, optimizer, augment_view, temperature=config.temperature,
                                learning_rate_fn=schedule, mesh=mesh)
   batches = input_pipeline.create_train_iterator(
       config.dataset, data_dir=config.data_dir, split=config.train_split,
@@ -167,7 +169,7 @@ def test_online_probe_cannot_change_the_encoder(one_and_eight_devices, data_dir)
 
   # ... because the probe's loss has exactly zero gradient w.r.t. everything but its head.
   model = models.create_model(config.model, num_classes=10)
-  loss_fn = train.make_loss_fn(model, temperature=config.temperature, axis_name=None)
+  loss_fn = pretrain.make_loss_fn(model, temperature=config.temperature, axis_name=None)
   views = jnp.asarray(inputs[0]["image"][:8], jnp.float32).repeat(2, axis=0)[:16] / 255
   probe_loss = lambda params: loss_fn(params, initial_state.batch_stats, views,
                                      jnp.asarray(inputs[0]["label"][:8]))[1][0]["probe_loss"]
@@ -178,7 +180,7 @@ def test_online_probe_cannot_change_the_encoder(one_and_eight_devices, data_dir)
 
 
 def state_at(workdir, step):
-  return checkpointing.read_state_as_numpy(os.path.join(workdir, train.CHECKPOINT_DIR), step)
+  return checkpointing.read_state_as_numpy(os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +188,10 @@ def finished_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   # 24 px views cropped on device from the 32 px images, as a low-resolution pretraining does
   config = smoke_config(data_dir, num_train_steps=4, checkpoint_every_steps=2, keep_checkpoints=3,
-                        log_every_steps=2, knn_every_steps=2, knn_train_examples=128,
-                        knn_eval_examples=64, image_size=24)
-  return config, workdir, train.pretrain(config, workdir)
+                        log_every_steps=2, image_size=24, evals__knn__enabled=True,
+                        evals__knn__every_steps=2, evals__knn__train_examples=128,
+                        evals__knn__eval_examples=64)
+  return config, workdir, pretrain.run(config, workdir)
 
 
 def test_pretrain_writes_metrics_checkpoints_export_and_results(finished_run):
@@ -198,16 +201,16 @@ def test_pretrain_writes_metrics_checkpoints_export_and_results(finished_run):
   for name in ("loss", "contrastive_accuracy", "contrastive_entropy", "probe_loss", "probe_top1",
                "knn_top1", "learning_rate", "grad_norm", "param_norm", "pairs_per_sec"):
     assert np.isfinite(results[name]), name
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_files.RESULTS_FILE)) as f:
     assert json.load(f) == results
-  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, workdir_files.METRICS_FILE)) as f:
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records if "loss" in r] == [2, 4]
   assert [r["step"] for r in records if "knn_top1" in r] == [2, 4]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
-  assert os.path.getsize(os.path.join(workdir, train.LOSS_CURVE_FILE)) > 10_000
-  assert sorted(os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR))) == ["2", "4"]
-  encoder = export.load_encoder(os.path.join(workdir, train.EXPORT_DIR))
+  assert os.path.getsize(os.path.join(workdir, workdir_files.LOSS_CURVE_FILE)) > 10_000
+  assert sorted(os.listdir(os.path.join(workdir, workdir_files.CHECKPOINT_DIR))) == ["2", "4"]
+  encoder = export.load_encoder(os.path.join(workdir, workdir_files.EXPORT_DIR))
   assert set(encoder.params) == {"encoder", "projection_head"}
   assert encoder.model_config.width_multiplier == config.model.width_multiplier
   assert encoder.metadata["image_size"] == 24
@@ -216,12 +219,12 @@ def test_pretrain_writes_metrics_checkpoints_export_and_results(finished_run):
                final["params"]["encoder"])
   assert int(final["step"]) == 4
   # A finished workdir is not trained again.
-  assert train.pretrain(config, workdir) == results
+  assert pretrain.run(config, workdir) == results
 
 
 def test_any_checkpoint_can_be_exported_for_probing(finished_run):
   _, workdir, _ = finished_run
-  directory = train.export_checkpoint(workdir, step=2)
+  directory = pretrain.export_checkpoint(workdir, step=2)
   assert directory == os.path.join(workdir, "export-2")
   exported = export.load_encoder(directory)
   checkpointed = state_at(workdir, 2)
@@ -232,16 +235,16 @@ def test_any_checkpoint_can_be_exported_for_probing(finished_run):
                  checkpointed["batch_stats"][part])
   assert exported.metadata["step"] == 2 and exported.model_config.depth == 18
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3; it has \[2, 4\]"):
-    train.export_checkpoint(workdir, step=3)
+    pretrain.export_checkpoint(workdir, step=3)
 
 
 def test_random_init_export_is_the_state_pretraining_starts_from(data_dir, tmp_path):
   config = smoke_config(data_dir)
-  directory = train.export_initialization(config, str(tmp_path))
-  assert directory == str(tmp_path / train.EXPORT_DIR)
+  directory = pretrain.export_initialization(config, str(tmp_path))
+  assert directory == str(tmp_path / workdir_files.EXPORT_DIR)
   exported = export.load_encoder(directory)
   model = models.create_model(config.model, num_classes=10)
-  initial = train.create_train_state(model, optax.identity(), seed=config.seed, image_size=32,
+  initial = pretrain.create_train_state(model, optax.identity(), seed=config.seed, image_size=32,
                                      mesh=sharding.create_mesh(jax.devices()[:1]))
   for part in ("encoder", "projection_head"):
     jax.tree.map(np.testing.assert_array_equal, exported.params[part],
@@ -253,7 +256,7 @@ def test_random_init_export_is_the_state_pretraining_starts_from(data_dir, tmp_p
 def fake_state(model, optimizer, *, seed, image_size, mesh):
   """A tiny state for tests of the loop's control flow (no ResNet to initialise)."""
   del model, optimizer, image_size
-  return jax.device_put(train.TrainState(
+  return jax.device_put(loop.TrainState(
       step=np.int32(0), params={"w": np.zeros(2, np.float32)}, batch_stats={}, opt_state={},
       rng=np.asarray(jax.random.PRNGKey(seed))), sharding.replicated(mesh))
 
@@ -276,16 +279,16 @@ class FakeStep:
 
 def test_nan_stops_the_run_naming_step_and_metric_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "create_train_state", fake_state)
-  monkeypatch.setattr(train, "make_train_step", lambda *args, **kwargs: FakeStep(
+  monkeypatch.setattr(pretrain, "create_train_state", fake_state)
+  monkeypatch.setattr(pretrain, "make_train_step", lambda *args, **kwargs: FakeStep(
       lambda step: {"grad_norm": jnp.float32(np.nan)} if step == 5 else {}))
   config = smoke_config(data_dir, num_train_steps=8, checkpoint_every_steps=2, log_every_steps=4)
   with pytest.raises(FloatingPointError, match=r"grad_norm is nan at step 5.*step 4"):
-    train.pretrain(config, str(tmp_path))
-  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / train.CHECKPOINT_DIR), keep=3)
+    pretrain.run(config, str(tmp_path))
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / workdir_files.CHECKPOINT_DIR), keep=3)
   assert checkpointer.all_steps() == [2, 4]  # step 6 was never saved
   checkpointer.close()
-  assert not os.path.exists(tmp_path / train.EXPORT_DIR)
+  assert not os.path.exists(tmp_path / workdir_files.EXPORT_DIR)
 
 
 def test_sigterm_checkpoints_the_current_step_then_stops(data_dir, tmp_path, monkeypatch):
@@ -294,34 +297,34 @@ def test_sigterm_checkpoints_the_current_step_then_stops(data_dir, tmp_path, mon
       os.kill(os.getpid(), signal.SIGTERM)
     return {}
 
-  monkeypatch.setattr(train, "create_train_state", fake_state)
-  monkeypatch.setattr(train, "make_train_step", lambda *args, **kwargs: FakeStep(send_sigterm))
+  monkeypatch.setattr(pretrain, "create_train_state", fake_state)
+  monkeypatch.setattr(pretrain, "make_train_step", lambda *args, **kwargs: FakeStep(send_sigterm))
   config = smoke_config(data_dir, num_train_steps=8, checkpoint_every_steps=100)
-  with pytest.raises(train.Preempted, match="after step 3") as stopped:
-    train.pretrain(config, str(tmp_path))
+  with pytest.raises(loop.Preempted, match="after step 3") as stopped:
+    pretrain.run(config, str(tmp_path))
   assert stopped.value.step == 3
-  assert os.listdir(tmp_path / train.CHECKPOINT_DIR) == ["3"]
+  assert os.listdir(tmp_path / workdir_files.CHECKPOINT_DIR) == ["3"]
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was removed again
 
 
 def test_time_budget_ends_the_run_with_checkpoint_export_and_results(data_dir, tmp_path,
                                                                      monkeypatch):
-  monkeypatch.setattr(train, "create_train_state", fake_state)
-  monkeypatch.setattr(train, "make_train_step", lambda *args, **kwargs: FakeStep(
+  monkeypatch.setattr(pretrain, "create_train_state", fake_state)
+  monkeypatch.setattr(pretrain, "make_train_step", lambda *args, **kwargs: FakeStep(
       lambda step: time.sleep(0.25) or {}))
   exported_steps = []
-  monkeypatch.setattr(train, "export_encoder", lambda workdir, config, state: exported_steps.append(
+  monkeypatch.setattr(pretrain, "export_state", lambda workdir, config, state: exported_steps.append(
       int(state.step)))
   config = smoke_config(data_dir, num_train_steps=1000, checkpoint_every_steps=100,
                         max_train_minutes=1.0 / 60)
-  results = train.pretrain(config, str(tmp_path))
+  results = pretrain.run(config, str(tmp_path))
   assert results["stopped_early_by_time_budget"]
   # ~1 s of 0.25 s steps, less the first step's setup (longer on a loaded machine)
   assert 1 <= results["step"] < 20
   assert results["epochs"] == pytest.approx(results["step"] * 32 / 5000)
-  assert os.listdir(tmp_path / train.CHECKPOINT_DIR) == [str(results["step"])]
+  assert os.listdir(tmp_path / workdir_files.CHECKPOINT_DIR) == [str(results["step"])]
   assert exported_steps == [results["step"]]
-  with open(tmp_path / train.RESULTS_FILE) as f:
+  with open(tmp_path / workdir_files.RESULTS_FILE) as f:
     assert json.load(f)["step"] == results["step"]
 
 
@@ -358,16 +361,16 @@ def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
 ])
 def test_bad_configs_fail_before_compiling(data_dir, tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
-    train.pretrain(smoke_config(data_dir, **{field: value}), str(tmp_path))
-  assert not os.path.exists(tmp_path / train.CHECKPOINT_DIR)
+    pretrain.run(smoke_config(data_dir, **{field: value}), str(tmp_path))
+  assert not os.path.exists(tmp_path / workdir_files.CHECKPOINT_DIR)
 
 
 def test_resuming_with_another_batch_size_is_refused_before_compiling(finished_run, tmp_path,
                                                                      monkeypatch):
   config, uninterrupted, _ = finished_run
-  shutil.copytree(os.path.join(uninterrupted, train.CHECKPOINT_DIR, "2"),
-                  os.path.join(tmp_path, train.CHECKPOINT_DIR, "2"))
+  shutil.copytree(os.path.join(uninterrupted, workdir_files.CHECKPOINT_DIR, "2"),
+                  os.path.join(tmp_path, workdir_files.CHECKPOINT_DIR, "2"))
   config = smoke_config(config.data_dir, num_train_steps=4, global_batch_size=64)
-  monkeypatch.setattr(train, "create_train_state", None)  # never reached
+  monkeypatch.setattr(pretrain, "create_train_state", None)  # never reached
   with pytest.raises(ValueError, match="global_batch_size=32 but the config says"):
-    train.pretrain(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path))

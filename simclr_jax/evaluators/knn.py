@@ -6,18 +6,15 @@ class with the largest total wins. Test features are processed in chunks, so mem
 O(chunk_size * num_train) whatever the test set size.
 """
 import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# tf.math.l2_normalize's epsilon, so a zero feature stays zero instead of becoming NaN.
-_L2_EPSILON = 1e-12
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _L2_EPSILON))
+from simclr_jax import features
+from simclr_jax.evaluators import Evaluator
+from simclr_jax.losses import l2_normalize
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k"))
@@ -90,7 +87,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *, nu
 
   test_features = test_features[test_valid]
   test_labels = test_labels[test_valid]
-  train_features = l2_normalize(jnp.asarray(train_features))
+  train_features = l2_normalize(jnp.asarray(train_features, jnp.float32))
   train_labels = jnp.asarray(train_labels)
   train_valid = jnp.asarray(train_valid)
   num_chunks = -(-num_test // chunk_size)
@@ -104,3 +101,29 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *, nu
     predictions = np.asarray(jnp.argmax(scores, axis=1))[:num_test - start]
     correct += int(np.sum(predictions == test_labels[start:start + chunk_size]))
   return correct / num_test
+
+
+class KnnEvaluator(Evaluator):
+  """k-NN top-1 of a representation: a memory bank of train examples, held-out queries.
+
+  `config` is a `config.evals.knn` block: every_steps, k, temperature, train_examples and
+  eval_examples (0 = the whole split).
+  """
+
+  def __init__(self, config: Mapping[str, Any], representations: features.SplitFeatures, *,
+               train_split: str, eval_split: str, num_classes: int):
+    self.every_steps = config["every_steps"]
+    self._config = config
+    self._representations = representations
+    self._splits = (train_split, eval_split)
+    self._num_classes = num_classes
+
+  def run(self, state: Any) -> dict[str, float]:
+    train = self._representations(state, self._splits[0],
+                                  max_examples=self._config["train_examples"])
+    test = self._representations(state, self._splits[1],
+                                 max_examples=self._config["eval_examples"])
+    return {"knn_top1": knn_accuracy(train["outputs"], train["labels"], test["outputs"],
+                                     test["labels"], num_classes=self._num_classes,
+                                     k=self._config["k"],
+                                     temperature=self._config["temperature"])}

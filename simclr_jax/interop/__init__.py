@@ -1,0 +1,1 @@
+"""Interoperability: the official TF1 checkpoints in, PyTorch-readable safetensors out."""
