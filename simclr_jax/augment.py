@@ -307,45 +307,66 @@ def center_crop_box(height: int, width: int, proportion: float) -> jax.Array:
 
 
 def _keys_cubic(distance):
-  """Keys' cubic convolution kernel with a = -0.5 (jax.image 'cubic', tf.image.resize bicubic)."""
+  """Keys' cubic convolution kernel with a = -0.5 (tf.image.resize bicubic, jax.image 'cubic')."""
   distance = jnp.abs(distance)
   return jnp.where(distance <= 1.0, (1.5 * distance - 2.5) * distance * distance + 1.0,
                    jnp.where(distance < 2.0,
                              ((-0.5 * distance + 2.5) * distance - 4.0) * distance + 2.0, 0.0))
 
 
-def _resize_weights(start, length, input_size: int, output_size: int):
-  """[output_size, input_size] bicubic weights sampling [start, start + length) (half-pixel
-  centres, antialiased when shrinking), equal to jax.image.scale_and_translate's."""
-  scale = length / output_size
-  centres = start + (jnp.arange(output_size, dtype=jnp.float32) + 0.5) * scale - 0.5
-  distance = centres[:, None] - jnp.arange(input_size, dtype=jnp.float32)[None, :]
-  weights = _keys_cubic(distance / jnp.maximum(scale, 1.0))
-  return weights / jnp.sum(weights, axis=1, keepdims=True)
+# tf.image.resize's bicubic kernel reads its weights from a table of the kernel at multiples of
+# 1/1024 px (resize_bicubic_op.cc), so its sample positions are rounded to that grid: up to 7e-4
+# off the exact kernel on random images, hence the rounding here too.
+BICUBIC_TABLE_SIZE = 1024
+
+
+def _bicubic_taps(start, length, output_size: int) -> tuple[jax.Array, jax.Array]:
+  """The 4 input indices and weights [output_size, 4] of tf.image.resize's bicubic (no
+  antialias) resizing `length` pixels from `start` on to `output_size`, as its kernel computes
+  them: half-pixel centres, Keys a=-0.5, taps outside [start, start + length) weighted 0 (and
+  clamped into it) and the rest renormalised to sum to 1. `start` and `length` may be traced."""
+  scale = jnp.asarray(length, jnp.float32) / output_size
+  position = (jnp.arange(output_size, dtype=jnp.float32) + 0.5) * scale - 0.5
+  nearest_below = jnp.floor(position)
+  fraction = jnp.round((position - nearest_below) * BICUBIC_TABLE_SIZE) / BICUBIC_TABLE_SIZE
+  offsets = jnp.arange(-1, 3)
+  taps = nearest_below.astype(jnp.int32)[:, None] + offsets
+  inside = (taps >= 0) & (taps < length)
+  weights = jnp.where(inside, _keys_cubic(fraction[:, None] - offsets), 0.0)
+  weights = weights / jnp.sum(weights, axis=1, keepdims=True)
+  return start + jnp.clip(taps, 0, length - 1), weights
+
+
+def _resize_rows(image: jax.Array, start, length, output_size: int) -> jax.Array:
+  """Bicubic resize along axis 0 of rows [start, start + length): 4 gathered rows per output."""
+  indices, weights = _bicubic_taps(start, length, output_size)
+  rows = image.at[indices].get(mode="promise_in_bounds")  # [output, 4, ...]
+  weights = weights.reshape(weights.shape + (1,) * (image.ndim - 1))
+  return jnp.sum(rows * weights, axis=1)
 
 
 def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
-  """Bicubic resize of `image[top:top+h, left:left+w]` to size x size; the box may be traced.
+  """tf.image.resize(tf.image.crop_to_bounding_box(image, *box), [size, size], 'bicubic') with
+  `box` = [top, left, height, width], as the official `crop_and_resize`: the resize sees only
+  the box's pixels (its border is the crop's), no antialias when shrinking. The box may be
+  traced (a different one per image under vmap); the size is static.
 
-  `rows @ plane @ cols.T` per channel plane with per-image weight matrices (what
-  jax.image.scale_and_translate does): under vmap on CPU these batched matmuls beat both
-  scale_and_translate and a 4-tap gather-and-weight resize, whose batched gathers XLA CPU runs
-  several times slower than the dense matmuls even at 224 px.
+  Separable, 4 gathered rows per output row then 4 gathered columns per output column: ~24 FLOPs
+  per output pixel and channel plus 24 per row and channel of the crop's width, where dense
+  [size, H] weight matrices cost 2 H per output pixel (experiments/results/augment_flops.md).
   """
-  height, width, _ = image.shape
-  box = box.astype(jnp.float32)
-  rows = _resize_weights(box[0], box[2], height, size)
-  cols = _resize_weights(box[1], box[3], width, size)
-  matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no bf16 on TPU
-  planes = matmul(matmul(rows, jnp.transpose(image, (2, 0, 1))), cols.T)
-  return jnp.transpose(planes, (1, 2, 0))
+  image, box = jnp.asarray(image), jnp.asarray(box, jnp.int32)
+  rows = _resize_rows(image, box[0], box[2], size)  # [size, W, C]
+  columns = _resize_rows(jnp.swapaxes(rows, 0, 1), box[1], box[3], size)  # [size(x), size, C]
+  return jnp.swapaxes(columns, 0, 1)
 
 
 def resize(image: jax.Array, size: int) -> jax.Array:
-  """Bicubic resize of the whole image to size x size (no-op when it already has that size)."""
-  if image.shape[:2] == (size, size):
+  """tf.image.resize(image, [size, size], 'bicubic'): crop_and_resize of the whole image."""
+  height, width, _ = image.shape
+  if (height, width) == (size, size):
     return image
-  return jax.image.resize(image, (size, size, image.shape[-1]), method="cubic")
+  return crop_and_resize(image, jnp.array([0, 0, height, width]), size)
 
 
 def rotate90(key: jax.Array, image: jax.Array) -> jax.Array:
