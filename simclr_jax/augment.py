@@ -320,29 +320,44 @@ def _keys_cubic(distance):
 BICUBIC_TABLE_SIZE = 1024
 
 
-def _bicubic_taps(start, length, output_size: int) -> tuple[jax.Array, jax.Array]:
-  """The 4 input indices and weights [output_size, 4] of tf.image.resize's bicubic (no
-  antialias) resizing `length` pixels from `start` on to `output_size`, as its kernel computes
-  them: half-pixel centres, Keys a=-0.5, taps outside [start, start + length) weighted 0 (and
-  clamped into it) and the rest renormalised to sum to 1. `start` and `length` may be traced."""
+def _bicubic_weights(length, output_size: int, taps_of: Callable[[jax.Array], jax.Array]
+                     ) -> tuple[jax.Array, jax.Array]:
+  """tf.image.resize's bicubic weights (no antialias) resizing `length` pixels to `output_size`,
+  as its kernel computes them: half-pixel centres, Keys a=-0.5, no weight on pixels outside the
+  crop and the rest renormalised to sum to 1. `taps_of(nearest_below)` gives the crop pixels
+  [output_size, n] to weigh (only the 4 around each centre get any): returns them and their
+  weights. `length` may be traced."""
   scale = jnp.asarray(length, jnp.float32) / output_size
   position = (jnp.arange(output_size, dtype=jnp.float32) + 0.5) * scale - 0.5
   nearest_below = jnp.floor(position)
   fraction = jnp.round((position - nearest_below) * BICUBIC_TABLE_SIZE) / BICUBIC_TABLE_SIZE
-  offsets = jnp.arange(-1, 3)
-  taps = nearest_below.astype(jnp.int32)[:, None] + offsets
-  inside = (taps >= 0) & (taps < length)
-  weights = jnp.where(inside, _keys_cubic(fraction[:, None] - offsets), 0.0)
-  weights = weights / jnp.sum(weights, axis=1, keepdims=True)
-  return start + jnp.clip(taps, 0, length - 1), weights
+  taps = taps_of(nearest_below.astype(jnp.int32)[:, None])
+  distance = fraction[:, None] - (taps - nearest_below[:, None])
+  weights = jnp.where((taps >= 0) & (taps < length), _keys_cubic(distance), 0.0)
+  return taps, weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
-def _resize_rows(image: jax.Array, start, length, output_size: int) -> jax.Array:
-  """Bicubic resize along axis 0 of rows [start, start + length): 4 gathered rows per output."""
-  indices, weights = _bicubic_taps(start, length, output_size)
-  rows = image.at[indices].get(mode="promise_in_bounds")  # [output, 4, ...]
-  weights = weights.reshape(weights.shape + (1,) * (image.ndim - 1))
-  return jnp.sum(rows * weights, axis=1)
+def _resize_by_gathers(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """4 gathered rows per output row, then 4 gathered columns per output column."""
+
+  def along_rows(image, start, length):
+    taps, weights = _bicubic_weights(length, size, lambda below: below + jnp.arange(-1, 3))
+    rows = image.at[start + jnp.clip(taps, 0, length - 1)].get(mode="promise_in_bounds")
+    return jnp.sum(rows * weights[..., None, None], axis=1)  # [size, 4, ..., C] -> [size, ..., C]
+
+  rows = along_rows(image, box[0], box[2])  # [size, W, C]
+  return jnp.swapaxes(along_rows(jnp.swapaxes(rows, 0, 1), box[1], box[3]), 0, 1)
+
+
+def _resize_by_matmuls(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """`rows @ plane @ columns.T` per channel plane, the weights as dense [size, H or W] matrices."""
+  height, width, _ = image.shape
+  rows, columns = (
+      _bicubic_weights(length, size, lambda below: jnp.arange(image_side)[None] - start)[1]
+      for start, length, image_side in ((box[0], box[2], height), (box[1], box[3], width)))
+  matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no bf16 on TPU
+  planes = matmul(matmul(rows, jnp.transpose(image, (2, 0, 1))), columns.T)
+  return jnp.transpose(planes, (1, 2, 0))
 
 
 def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
@@ -351,14 +366,15 @@ def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
   the box's pixels (its border is the crop's), no antialias when shrinking. The box may be
   traced (a different one per image under vmap); the size is static.
 
-  Separable, 4 gathered rows per output row then 4 gathered columns per output column: ~24 FLOPs
-  per output pixel and channel plus 24 per row and channel of the crop's width, where dense
-  [size, H] weight matrices cost 2 H per output pixel (experiments/results/augment_flops.md).
+  Separable, 4 taps per output along each axis. Accelerators gather them: 8 FLOPs per output
+  element and axis, where dense weight matrices cost 2 H then 2 W. XLA's CPU backend runs the
+  batched gathers 9-20x slower than matmuls by the dense matrices of the same weights (at 224
+  px under vmap), so there it multiplies (experiments/results/augment_flops.md).
   """
   image, box = jnp.asarray(image), jnp.asarray(box, jnp.int32)
-  rows = _resize_rows(image, box[0], box[2], size)  # [size, W, C]
-  columns = _resize_rows(jnp.swapaxes(rows, 0, 1), box[1], box[3], size)  # [size(x), size, C]
-  return jnp.swapaxes(columns, 0, 1)
+  return jax.lax.platform_dependent(
+      image, box, cpu=functools.partial(_resize_by_matmuls, size=size),
+      default=functools.partial(_resize_by_gathers, size=size))
 
 
 def resize(image: jax.Array, size: int) -> jax.Array:
