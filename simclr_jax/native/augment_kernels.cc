@@ -111,7 +111,7 @@ struct RowTaps {
   }
 
   // tf.image.resize's bicubic (no antialias) of the `length` inputs from `start` on to
-  // `output_size` outputs, as augment._bicubic_taps: half-pixel centres, 4 Keys taps at the
+  // `output_size` outputs, as augment._bicubic_weights: half-pixel centres, 4 Keys taps at the
   // sample position rounded to TF's table (kBicubicTableSize), the taps outside the crop weighted
   // 0 and the rest renormalised. A crop of fewer than 4 pixels has fewer rows to combine.
   void Bicubic(float start, float length, int64_t output_size) {
