@@ -642,14 +642,14 @@ def _run_native_steps(image: jax.Array, steps: Sequence[tuple[int, jax.Array]], 
       steps=np.asarray(codes, np.int64))
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, platform: str | None = None) -> str:
   """'jax' or 'native' for `build_augmentation`'s `backend` (`config.augment_backend`); 'auto'
-  picks 'native' where it can run. Raises ValueError for an unknown name or a 'native' backend
-  that cannot run here."""
+  picks 'native' where it can run (on `platform`, default this run's). Raises ValueError for an
+  unknown name or a 'native' backend that cannot run there."""
   return native.resolve_backend(
       "augment_backend", backend, choices=BACKENDS, portable="jax", native_default="native",
       unavailable_reason=native.augment_kernels_unavailable_reason,
-      fallback="the slower JAX augmentations on CPU")
+      fallback="the slower JAX augmentations on CPU", platform=platform)
 
 
 def build_augmentation(aug_config, image_size: int, *, crop_on_device: bool = True,

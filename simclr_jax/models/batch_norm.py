@@ -24,13 +24,14 @@ from simclr_jax import native, sharding
 NORM_BACKENDS = ("auto", "jax", "native")
 
 
-def resolve_norm_backend(backend: str) -> str:
+def resolve_norm_backend(backend: str, platform: str | None = None) -> str:
   """'jax' or 'native' for `config.norm_backend`; 'auto' picks 'native' where it can run.
-  Raises ValueError for an unknown name or 'native' where the kernels cannot run."""
+  `platform` defaults to this run's. Raises ValueError for an unknown name or 'native' where
+  the kernels cannot run."""
   return native.resolve_backend(
       "norm_backend", backend, choices=NORM_BACKENDS, portable="jax", native_default="native",
       unavailable_reason=native.batch_norm_kernels_unavailable_reason,
-      fallback="XLA's slower batch norm")
+      fallback="XLA's slower batch norm", platform=platform)
 
 
 def _call(target: str, result_type, **operands_and_attrs):

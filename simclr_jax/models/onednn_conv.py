@@ -34,13 +34,14 @@ CONV_BACKENDS = ("auto", "xla", "onednn", "onednn_bf16")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_conv_backend(backend: str) -> str:
+def resolve_conv_backend(backend: str, platform: str | None = None) -> str:
   """'xla', 'onednn' or 'onednn_bf16' for `config.conv_backend`; 'auto' picks 'onednn' where it
-  can run. Raises ValueError for an unknown name or a oneDNN backend that cannot run here."""
+  can run (on `platform`, default this run's). Raises ValueError for an unknown name or a oneDNN
+  backend that cannot run there."""
   return native.resolve_backend(
       "conv_backend", backend, choices=CONV_BACKENDS, portable="xla", native_default="onednn",
       unavailable_reason=native.onednn_conv_unavailable_reason,
-      fallback="XLA's slower CPU convolutions")
+      fallback="XLA's slower CPU convolutions", platform=platform)
 
 
 def conv_function(backend: str) -> Callable | None:

@@ -179,19 +179,21 @@ def batch_norm_kernels_unavailable_reason() -> str | None:
 
 def resolve_backend(option: str, choice: str, *, choices: tuple[str, ...], portable: str,
                     native_default: str, unavailable_reason: Callable[[], str | None],
-                    fallback: str) -> str:
+                    fallback: str, platform: str | None = None) -> str:
   """The backend `choice` of config field `option` ('auto', `portable` or a native one from
-  `choices`), resolved. 'auto' is `native_default` on the CPU backend when the kernels can run
-  (`unavailable_reason()` is None), else `portable`, logging why on CPU, where `fallback` says
-  what runs instead. Raises ValueError for an unknown choice or a native one that cannot run
-  here."""
+  `choices`), resolved for `platform` (default: this run's, `jax.default_backend()`; name
+  another, e.g. 'cuda' or 'tpu', to resolve for a program lowered here for it). 'auto' is
+  `native_default` on the CPU platform when the kernels can run (`unavailable_reason()` is
+  None), else `portable`, logging why on CPU, where `fallback` says what runs instead. Raises
+  ValueError for an unknown choice or a native one that cannot run there."""
   if choice not in choices:
     raise ValueError(f"{option}={choice!r}; allowed: {', '.join(choices)}")
   if choice == portable:
     return choice
-  on_cpu = jax.default_backend() == "cpu"
+  platform = platform or jax.default_backend()
+  on_cpu = platform == "cpu"
   reason = (unavailable_reason() if on_cpu else
-            f"the kernels run on the CPU backend only; this run's is {jax.default_backend()!r}")
+            f"the kernels run on the CPU platform only; this one is {platform!r}")
   if choice == "auto":
     if reason is not None and on_cpu:
       logging.warning("%s='auto' uses %s: %s", option, fallback, reason)
