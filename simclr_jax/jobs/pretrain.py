@@ -59,13 +59,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, *,
-                 axis_name: str | None = DATA_AXIS) -> models.SimCLRModel:
-  """The model of `config` with its compute dtype and resolved backends."""
+                 axis_name: str | None = DATA_AXIS, platform: str | None = None
+                 ) -> models.SimCLRModel:
+  """The model of `config` with its compute dtype and its backends resolved for `platform`
+  (default: this run's)."""
   return models.create_model(
       config.model, num_classes=num_classes, axis_name=axis_name,
       dtype=models.COMPUTE_DTYPES[config.dtype],
-      conv_backend=native.resolve_backend("conv_backend", config.conv_backend),
-      norm_backend=native.resolve_backend("norm_backend", config.norm_backend))
+      conv_backend=native.resolve_backend("conv_backend", config.conv_backend, platform),
+      norm_backend=native.resolve_backend("norm_backend", config.norm_backend, platform))
 
 
 def create_optimizer(config: ml_collections.ConfigDict, num_examples: int
