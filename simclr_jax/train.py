@@ -731,7 +731,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
       config.dataset, data_dir=data_dir(config), split=config.train_split,
       global_batch_size=config.global_batch_size, image_size=config.image_size,
       host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step, mesh=mesh,
-      data_shards=data_shards(config))
+      data_shards=data_shards(config),
+      host_crop=input_pipeline.HostCrop.from_augment_config(config.augment))
   writer = create_metric_writer(workdir)
   report_progress = progress_reporter(total_steps, writer, config.log_every_steps)
   log = TrainLog(writer, config.global_batch_size)

@@ -104,7 +104,8 @@ def train_loop(config: ml_collections.ConfigDict, workdir: str, *, state: train.
         config.dataset, data_dir=train.data_dir(config), split=config.train_split,
         global_batch_size=config.global_batch_size, image_size=config.image_size,
         host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step,
-        mesh=mesh, subset=subset)
+        mesh=mesh, subset=subset,
+        host_crop=input_pipeline.HostCrop.from_augment_config(config.augment))
     budget = train.TimeBudget(config.max_train_minutes, check_every_steps=config.log_every_steps)
     report_progress = train.progress_reporter(total_steps, writer, config.log_every_steps)
     pending, metrics = [], {}
