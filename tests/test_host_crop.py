@@ -111,3 +111,27 @@ def test_host_crops_need_a_random_resized_crop(coordinate_folder):
         host_crop_views=2, host_crop=None, seed=0, mesh=jax.make_mesh((8,), ("data",)))
   with pytest.raises(ValueError, match=r"random_resized_crop.area_max=0.05 must be a number in"):
     input_pipeline.HostCrop(area_max=0.05)
+
+
+def test_jpeg_crops_equal_bicubic_crops_of_the_decoded_image():
+  """JPEGs decode once, only the box around both windows: the views must equal tf.image's
+  bicubic resize of each window of the fully decoded image (up to the chroma upsampling at the
+  box's edges and rounding)."""
+  y, x = np.mgrid[:120, :160].astype(np.float32)
+  pixels = np.stack([x * 1.5, y * 2, 128 + 60 * np.sin(x / 9) * np.cos(y / 7)], -1)
+  jpeg = tf.io.encode_jpeg(pixels.round().astype(np.uint8), quality=95)
+  decoded = tf.cast(tf.io.decode_jpeg(jpeg, channels=3), tf.float32)
+  crop = input_pipeline.HostCrop()
+  # pylint: disable=protected-access
+  for index in range(12):
+    seeds = [tf.constant([index, view], tf.int64) for view in range(2)]
+    views = input_pipeline._random_resized_crops(jpeg, seeds, 32, crop)
+    assert views.shape == (2, 32, 32, 3) and views.dtype == tf.uint8
+    for view, seed in enumerate(seeds):
+      top, left, height, width = input_pipeline._crop_window(
+          tf.constant([120, 160, 3]), seed, crop, view).numpy()
+      expected = tf.image.resize(decoded[top:top + height, left:left + width], [32, 32],
+                                 method="bicubic")
+      expected = np.clip(np.round(expected.numpy()), 0, 255)
+      difference = np.abs(views[view].numpy().astype(np.float32) - expected)
+      assert difference.mean() < 0.05 and difference.max() <= 2, (index, view)
