@@ -327,9 +327,9 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
   cast take twice as long (ties round up instead of to even)."""
   resized = tf.image.resize(tf.cast(image, tf.float32), [size, size],
                             method=tf.image.ResizeMethod.BICUBIC)
-  return tf.bitcast(tf.quantization.quantize(
-      resized, 0.0, 255.0, tf.quint8, mode="MIN_COMBINED", round_mode="HALF_AWAY_FROM_ZERO"
-  ).output, tf.uint8)
+  return tf.bitcast(tf.raw_ops.QuantizeV2(  # tf.quantization.quantize logs a deprecation
+      input=resized, min_range=0.0, max_range=255.0, T=tf.quint8, mode="MIN_COMBINED",
+      round_mode="HALF_AWAY_FROM_ZERO").output, tf.uint8)
 
 
 def _crop_window(image_shape: tf.Tensor, seed: tf.Tensor, crop: HostCrop, view: int
