@@ -555,16 +555,16 @@ def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
   _check_int("image_size", image_size)
   _check_int("host_crop_views", host_crop_views, minimum=0)
   _check_int("start_step", start_step, minimum=0)
-  if host_crop_views == 0 and info.image_shape is None:
-    raise ValueError(
-        f"{dataset!r} has images of different sizes, so they cannot be batched for on-device "
-        "crops: set host_crop_views >= 1 to crop them on the host")
   if host_crop_views and not isinstance(host_crop, HostCrop):
     raise ValueError(
         f"host_crop_views={host_crop_views} crops on the host as the augmentation's "
         f"random_resized_crop says, but host_crop={host_crop!r}: pass "
         "host_crop=HostCrop.from_augment_config(config.augment), whose ops need "
         "'random_resized_crop' (or set host_crop_views=0 to crop on the device)")
+  if host_crop_views == 0 and info.image_shape is None:
+    raise ValueError(
+        f"{dataset!r} has images of different sizes, so they cannot be batched for on-device "
+        "crops: set host_crop_views >= 1 to crop them on the host")
   pieces, num_examples = _resolve_split(source, split)
   sharding, row_start, row_stop = _batch_sharding(mesh, global_batch_size)
   data_shards = jax.process_count() if data_shards is None else data_shards
