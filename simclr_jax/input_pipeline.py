@@ -14,11 +14,7 @@ Design, and why:
 - Each process builds the rows of the global batch that its devices hold and hands them to
   `jax.make_array_from_process_local_data`; a background thread keeps two device batches ready.
 """
-import dataclasses
-import difflib
-import fcntl
 import math
-import os
 import queue
 import threading
 from typing import Any, Callable, Iterator, Mapping
@@ -27,19 +23,16 @@ from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from simclr_jax.data import synthetic_shapes
+from simclr_jax.data import sources
 
-FOLDER_PREFIX = "folder:"
-SYNTHETIC_DATASET = synthetic_shapes.SyntheticShapes.name  # importing the module registers it
+FOLDER_PREFIX = sources.FOLDER_PREFIX
+SYNTHETIC_DATASET = sources.SYNTHETIC_DATASET
+DatasetInfo = sources.DatasetInfo
 SHUFFLE_BUFFER_SIZE = 50_000  # whole shards of CIFAR/STL/flowers/imagenette: perfect shuffles
 PREFETCH_BATCHES = 2
 CENTRE_CROP_FRACTION = 0.875
 NO_CENTRE_CROP_MAX_SIZE = 32  # official: no eval crop for image sizes <= 32
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_READ_PARALLEL_FILES = 16
-_PARSE_BATCH = 1024
 # Official random-resized-crop sampling (google-research/simclr `crop_and_resize`).
 _CROP_AREA_RANGE = (0.08, 1.0)
 _CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
@@ -49,231 +42,6 @@ _CROP_MAX_ATTEMPTS = 100
 _SHUFFLE_PURPOSE = 0
 _CROP_PURPOSE = 1
 
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the trainer and evaluators need to know about a dataset before reading it."""
-  name: str
-  num_classes: int
-  class_names: tuple[str, ...]
-  split_sizes: dict[str, int]
-  image_shape: tuple[int, int, int] | None  # as delivered (always 3 channels); None: sizes vary
-
-
-@dataclasses.dataclass(frozen=True)
-class _Range:
-  """Examples [start, stop) of a stored split, at positions first_index... of the requested one."""
-  split: str
-  start: int
-  stop: int
-  first_index: int
-
-
-# ----------------------------------------------------------------------------------------------
-# Sources: undecoded records {'index': int64, 'label': int64, 'image': bytes or path} in order.
-
-
-class _TfdsSource:
-  """A prepared TFDS dataset, read from its files directly (parsing in batches, no decoding)."""
-
-  def __init__(self, name: str, builder: tfds.core.DatasetBuilder):
-    self.builder = builder
-    features = builder.info.features
-    self.image_key, self.label_key = builder.info.supervised_keys or ("image", "label")
-    image_feature = features[self.image_key] if self.image_key in features else None
-    label_feature = features[self.label_key] if self.label_key in features else None
-    if not (isinstance(image_feature, tfds.features.Image)
-            and isinstance(label_feature, tfds.features.ClassLabel)):
-      raise ValueError(
-          f"{name!r} is not an image-classification dataset: it needs an Image feature "
-          f"{self.image_key!r} and a ClassLabel feature {self.label_key!r}; its features are "
-          f"{features}")
-    height, width, _ = image_feature.shape
-    self.split_infos = dict(builder.info.splits)
-    self.info = DatasetInfo(
-        name=name, num_classes=label_feature.num_classes, class_names=tuple(label_feature.names),
-        split_sizes={split: info.num_examples for split, info in self.split_infos.items()},
-        image_shape=(height, width, 3) if height and width else None)
-
-  def read(self, piece: _Range, *, with_images: bool = True) -> tf.data.Dataset:
-    instructions = self.builder.info.splits[
-        f"{piece.split}[{piece.start}:{piece.stop}]"].file_instructions
-    counts = [instruction.take for instruction in instructions]
-    first_indices = piece.first_index + np.cumsum([0] + counts[:-1])
-    adapter = tfds.core.file_adapters.ADAPTER_FOR_FORMAT[
-        self.builder.info.file_format or tfds.core.file_adapters.FileFormat.TFRECORD]
-
-    def file_records(path, skip, take, first_index):
-      records = adapter.make_tf_data(path).skip(skip).take(take)
-      return tf.data.Dataset.zip(records, tf.data.Dataset.range(first_index, first_index + take))
-
-    files = tf.data.Dataset.from_tensor_slices((
-        [os.fspath(instruction.filename) for instruction in instructions],
-        np.array([instruction.skip for instruction in instructions], np.int64),
-        np.array(counts, np.int64), first_indices.astype(np.int64)))
-    records = files.interleave(
-        file_records, cycle_length=min(_READ_PARALLEL_FILES, len(instructions)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    spec = {self.label_key: tf.io.FixedLenFeature([], tf.int64)}
-    if with_images:
-      spec[self.image_key] = tf.io.FixedLenFeature([], tf.string)
-
-    def parse(serialized, index):
-      example = tf.io.parse_example(serialized, spec)
-      parsed = {"index": index, "label": example[self.label_key]}
-      if with_images:
-        parsed["image"] = example[self.image_key]
-      return parsed
-
-    return records.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-
-  def labels(self, piece: _Range) -> np.ndarray:
-    labels = np.empty(piece.stop - piece.start, np.int64)
-    for batch in self.read(piece, with_images=False).batch(8192).as_numpy_iterator():
-      labels[batch["index"] - piece.first_index] = batch["label"]
-    return labels
-
-  def image_bytes(self, image: tf.Tensor) -> tf.Tensor:
-    return image
-
-
-class _FolderSource:
-  """`root/<split>/<class>/*.{jpg,jpeg,png}` (the layout of tfds.folder_dataset.ImageFolder)."""
-
-  def __init__(self, name: str, root: str):
-    if not tf.io.gfile.isdir(root):
-      raise FileNotFoundError(
-          f"{name!r}: image folder {root} does not exist; expected {root}/<split>/<class>/*.jpg")
-    subdirs = lambda path: sorted(
-        entry for entry in tf.io.gfile.listdir(path)
-        if tf.io.gfile.isdir(os.path.join(path, entry)))
-    splits = subdirs(root)
-    class_names = sorted({name for split in splits for name in subdirs(os.path.join(root, split))})
-    self.examples: dict[str, tuple[list[str], np.ndarray]] = {}
-    for split in splits:
-      paths, labels = [], []
-      for label, class_name in enumerate(class_names):
-        class_dir = os.path.join(root, split, class_name)
-        if tf.io.gfile.isdir(class_dir):
-          files = sorted(entry for entry in tf.io.gfile.listdir(class_dir)
-                         if entry.lower().endswith(_IMAGE_EXTENSIONS))
-          paths += [os.path.join(class_dir, entry) for entry in files]
-          labels += [label] * len(files)
-      if paths:
-        self.examples[split] = (paths, np.array(labels, np.int64))
-    if not self.examples:
-      raise FileNotFoundError(
-          f"{name!r}: no {'/'.join(_IMAGE_EXTENSIONS)} images under {root}/<split>/<class>/")
-    self.split_infos = {
-        split: tfds.core.SplitInfo(name=split, shard_lengths=[len(paths)], num_bytes=0)
-        for split, (paths, _) in self.examples.items()}
-    self.info = DatasetInfo(
-        name=name, num_classes=len(class_names), class_names=tuple(class_names),
-        split_sizes={split: len(paths) for split, (paths, _) in self.examples.items()},
-        image_shape=None)
-
-  def read(self, piece: _Range) -> tf.data.Dataset:
-    paths, labels = self.examples[piece.split]
-    return tf.data.Dataset.from_tensor_slices({
-        "index": np.arange(piece.first_index, piece.first_index + piece.stop - piece.start),
-        "label": labels[piece.start:piece.stop],
-        "image": paths[piece.start:piece.stop],
-    })
-
-  def labels(self, piece: _Range) -> np.ndarray:
-    return self.examples[piece.split][1][piece.start:piece.stop]
-
-  def image_bytes(self, path: tf.Tensor) -> tf.Tensor:
-    return tf.io.read_file(path)  # after shuffling and skipping: only read what is decoded
-
-
-def _open_source(dataset: str, data_dir: str | None) -> _TfdsSource | _FolderSource:
-  if not isinstance(dataset, str) or not dataset:
-    raise ValueError(f"dataset must be a TFDS name or '{FOLDER_PREFIX}/path', got {dataset!r}")
-  if dataset.startswith(FOLDER_PREFIX):
-    return _FolderSource(dataset, os.path.expanduser(dataset[len(FOLDER_PREFIX):]))
-  return _TfdsSource(dataset, _prepared_builder(dataset, data_dir))
-
-
-def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of prepared data; never downloads (synthetic_shapes is generated here)."""
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.DatasetNotFoundError:
-    known = tfds.list_builders(with_community_datasets=False) + [SYNTHETIC_DATASET]
-    suggestions = difflib.get_close_matches(name, known, n=3)
-    raise ValueError(
-        f"Unknown dataset {name!r}"
-        + (f" (did you mean {', '.join(map(repr, suggestions))}?)" if suggestions else "")
-        + ". Use a TFDS name (list them with `python -c \"import tensorflow_datasets as tfds; "
-        "print(tfds.list_builders())\"` or see https://www.tensorflow.org/datasets/catalog/"
-        f"overview), {SYNTHETIC_DATASET!r} (generated locally), or "
-        f"'{FOLDER_PREFIX}/path/to/root' for images in root/<split>/<class>/*.jpg") from None
-  if builder.name == SYNTHETIC_DATASET and not builder.is_prepared():
-    builder = _prepare_synthetic_shapes(name, data_dir, builder.data_dir)
-  if not builder.is_prepared():
-    dataset_dir = os.path.dirname(builder.data_dir)
-    versions = (sorted(tf.io.gfile.listdir(dataset_dir)) if tf.io.gfile.isdir(dataset_dir)
-                else [])
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not prepared: TFDS looked in {builder.data_dir}"
-        + (f" ({dataset_dir} holds {versions})" if versions else "")
-        + f" for data_dir={data_dir!r}. This pipeline never downloads. Prepare it on a machine "
-        f"with network access: `tfds build {builder.name} --data_dir=DIR` (or "
-        f"tfds.builder({builder.name!r}, data_dir=DIR).download_and_prepare()), then pass DIR "
-        "(or a copy of it) as data_dir")
-  return builder
-
-
-def _prepare_synthetic_shapes(name: str, data_dir: str | None,
-                              version_dir: str) -> tfds.core.DatasetBuilder:
-  """Generates the dataset once; a file lock makes concurrent local processes wait for it."""
-  dataset_dir = os.path.dirname(version_dir)
-  os.makedirs(dataset_dir, exist_ok=True)
-  with open(os.path.join(dataset_dir, ".prepare.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    builder = tfds.builder(name, data_dir=data_dir)  # another process may have finished it
-    if not builder.is_prepared():
-      logging.info("Generating %s into %s", SYNTHETIC_DATASET, version_dir)
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder
-
-
-def _resolve_split(source, split: str) -> tuple[list[_Range], int]:
-  """TFDS split spec ('train', 'train[:90%]', 'train+test') -> stored ranges and total size."""
-  sizes = source.info.split_sizes
-  try:
-    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(source.split_infos)
-  except (ValueError, TypeError, AttributeError) as error:
-    raise ValueError(
-        f"Unknown split {split!r} of {source.info.name!r}: available splits are {sizes} "
-        f"(TFDS slices such as 'train[:90%]' work too). TFDS says: {error}") from None
-  pieces, total = [], 0
-  for instruction in instructions:
-    start, stop, _ = slice(instruction.from_, instruction.to).indices(
-        sizes[instruction.splitname])
-    if stop > start:
-      pieces.append(_Range(instruction.splitname, start, stop, total))
-      total += stop - start
-  if not total:
-    raise ValueError(f"Split {split!r} of {source.info.name!r} selects no examples ({sizes})")
-  return pieces, total
-
-
-def _read_positions(source, pieces: list[_Range], start: int, stop: int) -> tf.data.Dataset:
-  """Records at positions [start, stop) of the requested split, in order."""
-  parts = []
-  for piece in pieces:
-    first = max(start, piece.first_index)
-    last = min(stop, piece.first_index + piece.stop - piece.start)
-    if last > first:
-      offset = piece.start - piece.first_index
-      parts.append(source.read(_Range(piece.split, first + offset, last + offset, first)))
-  records = parts[0]
-  for part in parts[1:]:
-    records = records.concatenate(part)
-  return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +232,7 @@ def _tf_options() -> tf.data.Options:
 
 def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
   """Classes, split sizes and image shape; prepares synthetic_shapes on first use."""
-  return _open_source(name, data_dir).info
+  return sources.open_source(name, data_dir).info
 
 
 def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
@@ -482,7 +250,7 @@ def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
   streams; runs with the same value give the same global batches on any number of processes that
   divides it.
   """
-  source = _open_source(dataset, data_dir)
+  source = sources.open_source(dataset, data_dir)
   info = source.info
   _check_int("image_size", image_size)
   _check_int("host_crop_views", host_crop_views, minimum=0)
@@ -491,7 +259,7 @@ def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
     raise ValueError(
         f"{dataset!r} has images of different sizes, so they cannot be batched for on-device "
         "crops: set host_crop_views >= 1 to crop them on the host")
-  pieces, num_examples = _resolve_split(source, split)
+  pieces, num_examples = sources.resolve_split(source, split)
   sharding, row_start, row_stop = _batch_sharding(mesh, global_batch_size)
   data_shards = jax.process_count() if data_shards is None else data_shards
   _check_int("data_shards", data_shards)
@@ -536,7 +304,7 @@ def _shard_stream(source, pieces, members: np.ndarray, *, seed: int, shard: int,
                   start_position: int, batch_size: int, decode) -> tf.data.Dataset:
   """One shard's batches from stream position `start_position` on (epochs back to back)."""
   start, stop = int(members[0]), int(members[-1]) + 1
-  examples = _read_positions(source, pieces, start, stop)
+  examples = sources.read_positions(source, pieces, start, stop)
   if members.size < stop - start:
     keep = np.zeros(stop - start, bool)
     keep[members - start] = True
@@ -593,9 +361,9 @@ def create_eval_iterator(dataset: str, *, data_dir: str | None, split: str,
   <= 32). Every process yields the same number of batches; each example appears exactly once
   with mask True. Iterating again makes a new pass.
   """
-  source = _open_source(dataset, data_dir)
+  source = sources.open_source(dataset, data_dir)
   _check_int("image_size", image_size)
-  pieces, num_examples = _resolve_split(source, split)
+  pieces, num_examples = sources.resolve_split(source, split)
   sharding, row_start, row_stop = _batch_sharding(mesh, global_batch_size)
   local_batch = row_stop - row_start
   slots = global_batch_size // local_batch
@@ -618,7 +386,7 @@ def create_eval_iterator(dataset: str, *, data_dir: str | None, split: str,
   def make_batches():
     batches = iter(())  # a process whose share is empty feeds padding only
     if stop > start:
-      examples = _read_positions(source, pieces, start, stop).map(
+      examples = sources.read_positions(source, pieces, start, stop).map(
           decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       batches = examples.batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(
           _tf_options()).as_numpy_iterator()
@@ -653,8 +421,8 @@ def label_subset(dataset: str, *, data_dir: str | None, split: str,
   if (fraction is None) == (per_class is None):
     raise ValueError(f"give exactly one of fraction or per_class, got fraction={fraction!r}, "
                      f"per_class={per_class!r}")
-  source = _open_source(dataset, data_dir)
-  pieces, num_examples = _resolve_split(source, split)
+  source = sources.open_source(dataset, data_dir)
+  pieces, num_examples = sources.resolve_split(source, split)
   num_classes = source.info.num_classes
   if fraction is not None:
     if not 0 < fraction <= 1:
