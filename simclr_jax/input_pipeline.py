@@ -25,11 +25,12 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_jax.data import sources
+from simclr_jax.data import windowed_shuffle
 
 FOLDER_PREFIX = sources.FOLDER_PREFIX
 SYNTHETIC_DATASET = sources.SYNTHETIC_DATASET
 DatasetInfo = sources.DatasetInfo
-SHUFFLE_BUFFER_SIZE = 50_000  # whole shards of CIFAR/STL/flowers/imagenette: perfect shuffles
+SHUFFLE_BUFFER_SIZE = 50_000  # shards up to this are cached and perfectly shuffled by tf.data
 PREFETCH_BATCHES = 2
 CENTRE_CROP_FRACTION = 0.875
 NO_CENTRE_CROP_MAX_SIZE = 32  # official: no eval crop for image sizes <= 32
@@ -302,7 +303,29 @@ def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
 
 def _shard_stream(source, pieces, members: np.ndarray, *, seed: int, shard: int,
                   start_position: int, batch_size: int, decode) -> tf.data.Dataset:
-  """One shard's batches from stream position `start_position` on (epochs back to back)."""
+  """One shard's batches from stream position `start_position` on (epochs back to back).
+
+  Up to SHUFFLE_BUFFER_SIZE members: tf.data's perfect shuffle of the cached undecoded records;
+  a resume replays at most one epoch from the cache. Above it (nothing can be cached): the
+  position-indexed order of windowed_shuffle, so a resume reads one window of
+  SHUFFLE_BUFFER_SIZE // 2 records (two windows in memory: one buffer's worth), not an epoch.
+  """
+  if members.size > SHUFFLE_BUFFER_SIZE:
+    window_size = SHUFFLE_BUFFER_SIZE // 2
+    block_size = (1 if source.random_access
+                  else max(1, window_size // windowed_shuffle.BLOCKS_PER_WINDOW))
+    stream = windowed_shuffle.stream(
+        source.range_reader(pieces), members, window_size=window_size, block_size=block_size,
+        seed=seed, shard=shard, start_position=start_position)
+  else:
+    stream = _cached_shuffle_stream(source, pieces, members, seed=seed, shard=shard,
+                                    start_position=start_position)
+  stream = stream.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return stream.batch(batch_size, drop_remainder=True)
+
+
+def _cached_shuffle_stream(source, pieces, members: np.ndarray, *, seed: int, shard: int,
+                           start_position: int) -> tf.data.Dataset:
   start, stop = int(members[0]), int(members[-1]) + 1
   examples = sources.read_positions(source, pieces, start, stop)
   if members.size < stop - start:
@@ -310,21 +333,17 @@ def _shard_stream(source, pieces, members: np.ndarray, *, seed: int, shard: int,
     keep[members - start] = True
     keep = tf.constant(keep)
     examples = examples.filter(lambda example: tf.gather(keep, example["index"] - start))
-  if members.size <= SHUFFLE_BUFFER_SIZE:
-    examples = examples.cache()  # undecoded; read the files once, not every epoch
-  buffer_size = min(members.size, SHUFFLE_BUFFER_SIZE)
+  examples = examples.cache()  # undecoded; read the files once, not every epoch
 
   def epoch(number):
     shuffle_seed = tf.random.stateless_uniform(
         [], seed=_derived_seed(seed, number, _SHUFFLE_PURPOSE, shard), minval=None,
         maxval=None, dtype=tf.int64)
-    return examples.shuffle(buffer_size, seed=shuffle_seed).map(
+    return examples.shuffle(members.size, seed=shuffle_seed).map(
         lambda example: {**example, "epoch": number})
 
   first_epoch, offset = divmod(start_position, members.size)
-  stream = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
-  stream = stream.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return stream.batch(batch_size, drop_remainder=True)
+  return tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
 
 
 def _warn_if_upsampling(info: DatasetInfo, image_size: int) -> None:

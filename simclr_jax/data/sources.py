@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import fcntl
 import os
+from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -44,6 +45,8 @@ class Range:
 class TfdsSource:
   """A prepared TFDS dataset, read from its files directly (parsing in batches, no decoding)."""
 
+  random_access = False  # TFRecord files are read sequentially, after a skip within one file
+
   def __init__(self, name: str, builder: tfds.core.DatasetBuilder):
     self.builder = builder
     features = builder.info.features
@@ -64,24 +67,57 @@ class TfdsSource:
         image_shape=(height, width, 3) if height and width else None)
 
   def read(self, piece: Range, *, with_images: bool = True) -> tf.data.Dataset:
+    instructions = self._file_instructions(piece)
+    files = tf.data.Dataset.from_tensor_slices(tuple(map(np.array, zip(*instructions))))
+    records = files.interleave(
+        self._file_records, cycle_length=min(_READ_PARALLEL_FILES, len(instructions)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return self._parsed(records, with_images)
+
+  def range_reader(self, pieces: list[Range]) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """A tf.data function: int64 [n, 2] position ranges [start, stop) -> their records.
+
+    Each range opens only the files holding it and skips within them (record headers only):
+    no record before a range is read, which makes resuming at any position cheap.
+    """
+    paths, skips, counts, starts = map(np.array, zip(*[
+        instruction for piece in pieces for instruction in self._file_instructions(piece)]))
+    ends = starts + counts
+
+    def files_of(position_range):
+      start, stop = position_range[0], position_range[1]
+      files = tf.range(tf.searchsorted(ends, start[None], side="right")[0],
+                       tf.searchsorted(starts, stop[None], side="left")[0])
+      first = tf.maximum(start, tf.gather(starts, files))
+      last = tf.minimum(stop, tf.gather(ends, files))
+      return tf.data.Dataset.from_tensor_slices((
+          tf.gather(paths, files), tf.gather(skips, files) + first - tf.gather(starts, files),
+          last - first, first))
+
+    def read(ranges):
+      records = tf.data.Dataset.from_tensor_slices(ranges).flat_map(files_of).interleave(
+          self._file_records, cycle_length=_READ_PARALLEL_FILES,
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      return self._parsed(records, with_images=True)
+
+    return read
+
+  def _file_instructions(self, piece: Range) -> list[tuple[str, int, int, int]]:
+    """(file, records to skip in it, records to take, position of the first) covering `piece`."""
     instructions = self.builder.info.splits[
         f"{piece.split}[{piece.start}:{piece.stop}]"].file_instructions
     counts = [instruction.take for instruction in instructions]
     first_indices = piece.first_index + np.cumsum([0] + counts[:-1])
+    return [(os.fspath(instruction.filename), instruction.skip, count, int(first))
+            for instruction, count, first in zip(instructions, counts, first_indices)]
+
+  def _file_records(self, path, skip, take, first_index) -> tf.data.Dataset:
     adapter = tfds.core.file_adapters.ADAPTER_FOR_FORMAT[
         self.builder.info.file_format or tfds.core.file_adapters.FileFormat.TFRECORD]
+    records = adapter.make_tf_data(path).skip(skip).take(take)
+    return tf.data.Dataset.zip(records, tf.data.Dataset.range(first_index, first_index + take))
 
-    def file_records(path, skip, take, first_index):
-      records = adapter.make_tf_data(path).skip(skip).take(take)
-      return tf.data.Dataset.zip(records, tf.data.Dataset.range(first_index, first_index + take))
-
-    files = tf.data.Dataset.from_tensor_slices((
-        [os.fspath(instruction.filename) for instruction in instructions],
-        np.array([instruction.skip for instruction in instructions], np.int64),
-        np.array(counts, np.int64), first_indices.astype(np.int64)))
-    records = files.interleave(
-        file_records, cycle_length=min(_READ_PARALLEL_FILES, len(instructions)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  def _parsed(self, records: tf.data.Dataset, with_images: bool) -> tf.data.Dataset:
     spec = {self.label_key: tf.io.FixedLenFeature([], tf.int64)}
     if with_images:
       spec[self.image_key] = tf.io.FixedLenFeature([], tf.string)
@@ -107,6 +143,8 @@ class TfdsSource:
 
 class FolderSource:
   """`root/<split>/<class>/*.{jpg,jpeg,png}` (the layout of tfds.folder_dataset.ImageFolder)."""
+
+  random_access = True  # one file per example
 
   def __init__(self, name: str, root: str):
     if not tf.io.gfile.isdir(root):
@@ -147,6 +185,20 @@ class FolderSource:
         "label": labels[piece.start:piece.stop],
         "image": paths[piece.start:piece.stop],
     })
+
+  def range_reader(self, pieces: list[Range]) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """A tf.data function: int64 [n, 2] position ranges [start, stop) -> their records."""
+    paths = np.concatenate([self.examples[piece.split][0][piece.start:piece.stop]
+                            for piece in pieces])
+    labels = np.concatenate([self.labels(piece) for piece in pieces])
+
+    def read(ranges):
+      positions = tf.ragged.range(ranges[:, 0], ranges[:, 1]).flat_values
+      return tf.data.Dataset.from_tensor_slices(positions).map(lambda position: {
+          "index": position, "label": tf.gather(labels, position),
+          "image": tf.gather(paths, position)})
+
+    return read
 
   def labels(self, piece: Range) -> np.ndarray:
     return self.examples[piece.split][1][piece.start:piece.stop]
