@@ -7,17 +7,22 @@ Design, and why:
 - The global batch is made of `data_shards` equal parts (one per process by default). Shard `s`
   owns a contiguous block of the split (or of the `subset`) and runs its own endless stream:
   epoch `e` is its examples shuffled with a seed derived from (seed, shard, e), then the epochs are
-  concatenated and batched. Step `k` is therefore at stream position `k * shard_batch`, so resuming
-  at any step computes the epoch and offset and skips only that many undecoded records of one epoch.
+  concatenated and batched. Step `k` is therefore at stream position `k * shard_batch`. Shards up
+  to SHUFFLE_BUFFER_SIZE examples are cached and shuffled by tf.data (a resume replays at most one
+  cached epoch); larger ones follow windowed_shuffle's order, computed in NumPy, so a resume reads
+  one window of records whatever its position.
+- A file that cannot be decoded stops the iterator with a ValueError naming it (found after the
+  error by decoding the failing batch's examples one by one: nothing is checked up front).
 - Random host crops use stateless ops seeded by (seed, epoch, example index, view): the pixels of a
   batch do not depend on tf.data parallelism, on the mesh or on where the run was resumed.
 - Each process builds the rows of the global batch that its devices hold and hands them to
   `jax.make_array_from_process_local_data`; a background thread keeps two device batches ready.
 """
 import math
+import re
 import queue
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from absl import logging
 import jax
@@ -47,6 +52,10 @@ _CROP_PURPOSE = 1
 
 # ----------------------------------------------------------------------------------------------
 # Decoding and cropping (uint8 in, uint8 out: 4x less host->device traffic than float32).
+
+
+ALLOWED_IMAGES = ("JPEG, PNG, GIF or BMP files (grayscale, CMYK, alpha and 16 bits per channel are "
+                  "converted to 8-bit RGB)")
 
 
 def _decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -220,6 +229,32 @@ def _to_global(sharding: jax.NamedSharding, global_batch_size: int):
   return to_device
 
 
+def _naming_undecodable(batches: Iterator[dict[str, np.ndarray]],
+                        undecoded_batch: Callable[[int], Iterable[dict[str, np.ndarray]]],
+                        decode, source) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`; a decode error becomes a ValueError naming the example (file) that caused it.
+
+  tf.data's error names no element, and checking every file when a folder is opened would cost
+  one open per image (1.28M on ImageNet) per run: instead, after an error, the failing batch's
+  undecoded examples (`undecoded_batch(batch number)`) are decoded one by one.
+  """
+  number = 0
+  try:
+    for batch in batches:
+      yield batch
+      number += 1
+  except tf.errors.InvalidArgumentError as error:
+    for example in undecoded_batch(number):
+      try:
+        decode({key: tf.constant(value) for key, value in example.items()})
+      except tf.errors.InvalidArgumentError as example_error:
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", example_error.message).strip(" .")
+        raise ValueError(
+            f"Cannot decode {source.describe(example)}: {reason}. Images must be {ALLOWED_IMAGES}; "
+            "re-encode or remove it") from error
+    raise
+
+
 def _tf_options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -288,17 +323,25 @@ def create_train_iterator(dataset: str, *, data_dir: str | None, split: str,
     return {"image": image, "label": tf.cast(example["label"], tf.int32),
             "index": tf.cast(example["index"], tf.int32)}
 
-  streams = []
-  for shard in range(row_start // shard_batch, row_stop // shard_batch):
+  shards = range(row_start // shard_batch, row_stop // shard_batch)
+
+  def shard_stream(shard, start_position, decode):
     shard_members = members[shard * members.size // data_shards:
                             (shard + 1) * members.size // data_shards]
-    streams.append(_shard_stream(
-        source, pieces, shard_members, seed=seed, shard=shard,
-        start_position=start_step * shard_batch, batch_size=shard_batch, decode=decode))
+    return _shard_stream(source, pieces, shard_members, seed=seed, shard=shard,
+                         start_position=start_position, batch_size=shard_batch, decode=decode)
+
+  def undecoded_batch(number):
+    for shard in shards:
+      yield from shard_stream(shard, (start_step + number) * shard_batch, lambda example: example
+                              ).take(1).unbatch().as_numpy_iterator()
+
+  streams = [shard_stream(shard, start_step * shard_batch, decode) for shard in shards]
   batches = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(
       lambda *parts: {key: tf.concat([part[key] for part in parts], 0) for key in parts[0]})
   batches = batches.prefetch(tf.data.AUTOTUNE).with_options(_tf_options())
-  return _Prefetcher(batches.as_numpy_iterator(), _to_global(sharding, global_batch_size))
+  return _Prefetcher(_naming_undecodable(batches.as_numpy_iterator(), undecoded_batch, decode,
+                                         source), _to_global(sharding, global_batch_size))
 
 
 def _shard_stream(source, pieces, members: np.ndarray, *, seed: int, shard: int,
@@ -409,6 +452,9 @@ def create_eval_iterator(dataset: str, *, data_dir: str | None, split: str,
           decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       batches = examples.batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(
           _tf_options()).as_numpy_iterator()
+      batches = _naming_undecodable(batches, lambda number: sources.read_positions(
+          source, pieces, start, stop).skip(number * local_batch).take(
+              local_batch).as_numpy_iterator(), decode, source)
     for _ in range(num_batches):
       yield _padded(next(batches, None), local_batch, image_size)
 

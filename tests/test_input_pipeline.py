@@ -3,6 +3,7 @@
 Runs on the package's generated `synthetic_shapes` (prepared into a temporary data_dir with the
 network blocked) and on a generated image folder; never needs real datasets.
 """
+import io
 import itertools
 import logging
 import socket
@@ -13,6 +14,7 @@ from PIL import Image
 import pytest
 
 from simclr_jax import input_pipeline
+from simclr_jax.data import sources
 from simclr_jax.data import synthetic_shapes
 from simclr_jax.data import windowed_shuffle
 
@@ -246,8 +248,11 @@ def large_shard_limit(monkeypatch):
   monkeypatch.setattr(windowed_shuffle, "BLOCKS_PER_WINDOW", 4)
 
 
-@pytest.mark.parametrize("data_shards", [1, 2])
-def test_large_shards_resume_exactly_at_any_position(data_dir, large_shard_limit, data_shards):
+@pytest.mark.parametrize("data_shards, unbuffered_seeks", [(1, True), (2, False)])
+def test_large_shards_resume_exactly_at_any_position(data_dir, large_shard_limit, monkeypatch,
+                                                     data_shards, unbuffered_seeks):
+  if unbuffered_seeks:  # the path of large records (ImageNet's): skips read headers only
+    monkeypatch.setattr(sources, "_UNBUFFERED_MIN_RECORD_BYTES", 0)
   # two stored splits: blocks and windows straddle a file boundary
   split = "train[:300]+test[:300]"
   fresh = _take(_train(data_dir, split=split, data_shards=data_shards, host_crop_views=1,
@@ -313,3 +318,73 @@ def test_windowed_order_is_a_permutation_per_epoch_and_starts_anywhere():
       members, start_position=0, **plan), 10):
     inside = (order[:, None] >= ranges[:, 0]) & (order[:, None] < ranges[:, 1])
     assert (inside.sum(1) == 1).all() and epoch == 0  # the ranges read hold the window
+
+
+def _encoded(pixels: np.ndarray, image_format: str, mode: str | None = None, **options) -> bytes:
+  encoded = io.BytesIO()
+  image = Image.fromarray(pixels)
+  (image.convert(mode) if mode else image).save(encoded, image_format, **options)
+  return encoded.getvalue()
+
+
+def _folder_with(root, bad_name: str, bad_bytes: bytes) -> str:
+  """train/a and train/b with three good JPEGs and one bad file."""
+  rng = np.random.default_rng(0)
+  for number, label in enumerate("aab"):
+    (root / "train" / label).mkdir(parents=True, exist_ok=True)
+    (root / "train" / label / f"{number}.jpg").write_bytes(
+        _encoded(rng.integers(0, 256, (20, 24, 3), np.uint8), "JPEG"))
+  (root / "train" / "b" / bad_name).write_bytes(bad_bytes)
+  return f"{input_pipeline.FOLDER_PREFIX}{root}"
+
+
+_GOOD_JPEG = _encoded(np.random.default_rng(1).integers(0, 256, (40, 30, 3), np.uint8), "JPEG")
+
+
+@pytest.mark.parametrize("bad_name, bad_bytes, reason", [
+    ("truncated.jpg", _GOOD_JPEG[:len(_GOOD_JPEG) // 2], "Invalid JPEG data"),
+    ("corrupt.jpg", _GOOD_JPEG[:200] + np.random.default_rng(0).bytes(300) + _GOOD_JPEG[500:],
+     "Invalid JPEG data"),
+    ("notes.png", b"not an image, despite its name", "Unknown image file format"),
+    ("empty.jpeg", b"", "Input is empty"),
+])
+def test_undecodable_files_are_named_in_training_and_evaluation(tmp_path, bad_name, bad_bytes,
+                                                               reason):
+  folder = _folder_with(tmp_path, bad_name, bad_bytes)
+  message = rf"Cannot decode {tmp_path}/train/b/{bad_name}: .*{reason}.*Images must be JPEG, PNG"
+  with pytest.raises(ValueError, match=message):
+    _take(input_pipeline.create_train_iterator(
+        folder, data_dir=None, split="train", global_batch_size=8, image_size=16,
+        host_crop_views=1, seed=0, mesh=_mesh(8), start_step=3), 2)
+  with pytest.raises(ValueError, match=message):
+    list(input_pipeline.create_eval_iterator(folder, data_dir=None, split="train",
+                                             global_batch_size=2, image_size=16, mesh=_mesh(2)))
+
+
+def test_empty_class_folders_are_named_when_the_folder_is_opened(tmp_path):
+  folder = _folder_with(tmp_path, "fine.jpg", _GOOD_JPEG)
+  (tmp_path / "train" / "c").mkdir()
+  (tmp_path / "train" / "c" / "labels.txt").write_text("nothing here")
+  with pytest.raises(ValueError, match=rf"class folder {tmp_path}/train/c holds no "
+                                       r"\.jpg/\.jpeg/\.png images.*labels\.txt"):
+    input_pipeline.get_dataset_info(folder)
+
+
+def test_cmyk_16_bit_rgba_and_one_pixel_images_are_converted_to_rgb(tmp_path):
+  rng = np.random.default_rng(2)
+  rgb = np.kron(rng.integers(0, 256, (4, 4, 3), np.uint8), np.ones((4, 4, 1), np.uint8))
+  rgba = rng.integers(0, 256, (16, 16, 4), np.uint8)
+  gray16 = rng.integers(0, 2**16, (16, 16)).astype(np.uint16)
+  files = {"cmyk.jpg": _encoded(rgb, "JPEG", "CMYK", quality=95), "gray16.png": _encoded(gray16, "PNG"),
+           "rgba.png": _encoded(rgba, "PNG"), "pixel.png": _encoded(rgb[:1, :1], "PNG")}
+  (tmp_path / "test" / "a").mkdir(parents=True)
+  for name, encoded in files.items():
+    (tmp_path / "test" / "a" / name).write_bytes(encoded)
+  batch, = [jax.tree.map(np.asarray, b) for b in input_pipeline.create_eval_iterator(
+      f"{input_pipeline.FOLDER_PREFIX}{tmp_path}", data_dir=None, split="test",
+      global_batch_size=4, image_size=16, mesh=_mesh(1))]
+  cmyk, gray, pixel, rgba_image = batch["image"]  # sorted by name
+  assert np.abs(cmyk.astype(int) - rgb).mean() < 6  # JPEG loss (~3.4); inverted inks: ~100
+  np.testing.assert_array_equal(gray, np.repeat((gray16 >> 8).astype(np.uint8)[..., None], 3, -1))
+  np.testing.assert_array_equal(pixel, np.broadcast_to(rgb[0, 0], (16, 16, 3)))
+  np.testing.assert_array_equal(rgba_image, rgba[..., :3])

@@ -12,6 +12,7 @@ prints a markdown table. Images are decoded but not cropped (host_crop_views=0),
 those of reading, not of augmenting.
 """
 import argparse
+import gc
 import io
 import time
 
@@ -22,7 +23,7 @@ import tensorflow_datasets as tfds
 
 from simclr_jax import input_pipeline
 
-_IMAGE_SIZE = 48  # random pixels: ~5 KB JPEGs, so reading costs bytes as it does on ImageNet
+_IMAGE_SIZE = 192  # random pixels: ~24 KB records (ImageNet's: ~110 KB)
 _NUM_CLASSES = 10
 _DISTINCT_IMAGES = 64  # encoded once, then repeated: generation is bound by writing, not JPEG
 
@@ -65,19 +66,29 @@ def _prepare(data_dir: str, num_examples: int, num_files: int) -> None:
       f"{data_dir} holds a dataset of another size; use a new --data_dir")
 
 
-def _startup_seconds(data_dir: str, batch_size: int, start_step: int, repeats: int) -> float:
-  """The median over `repeats` (the machine is shared: single timings are noisy)."""
+def _bytes_read() -> int:
+  """Bytes this process has read from files so far (Linux; page-cache hits count too)."""
+  with open("/proc/self/io") as io_counters:
+    return int(next(line for line in io_counters if line.startswith("rchar:")).split()[1])
+
+
+def _startup(data_dir: str, batch_size: int, start_step: int, repeats: int) -> tuple[float, int]:
+  """(median seconds over `repeats`, bytes read by the last): the machine is shared, so single
+  timings are noisy; the bytes read are not."""
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   seconds = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_bytes = time.perf_counter(), _bytes_read()
     iterator = input_pipeline.create_train_iterator(
         ResumeBenchmark.name, data_dir=data_dir, split="train", global_batch_size=batch_size,
         image_size=_IMAGE_SIZE, host_crop_views=0, seed=0, start_step=start_step, mesh=mesh)
     jax.block_until_ready(next(iterator))
     seconds.append(time.perf_counter() - start)
+    bytes_read = _bytes_read() - start_bytes
     iterator.close()
-  return float(np.median(seconds))
+    del iterator
+    gc.collect()  # stops its tf.data threads, which would read on into the next measurement
+  return float(np.median(seconds)), bytes_read
 
 
 def main() -> None:
@@ -93,13 +104,14 @@ def main() -> None:
   _prepare(args.data_dir, args.num_examples, args.num_files)
   print(f"{args.num_examples} examples in {args.num_files} TFRecord files, batch "
         f"{args.batch_size}, limit (SHUFFLE_BUFFER_SIZE) {input_pipeline.SHUFFLE_BUFFER_SIZE}\n")
-  _startup_seconds(args.data_dir, args.batch_size, 0, 1)  # warm-up: imports, first TFDS open
-  print("| resume position (examples) | epoch | seconds to first batch |")
-  print("|---:|---:|---:|")
+  _startup(args.data_dir, args.batch_size, 0, 1)  # warm-up: imports, first TFDS open
+  print("| resume position (examples) | epoch | seconds to first batch | MB read |")
+  print("|---:|---:|---:|---:|")
   for fraction in map(float, args.epoch_fractions.split(",")):
     start_step = int(fraction * args.num_examples) // args.batch_size
-    seconds = _startup_seconds(args.data_dir, args.batch_size, start_step, args.repeats)
-    print(f"| {start_step * args.batch_size:,} | {fraction:g} | {seconds:.2f} |", flush=True)
+    seconds, bytes_read = _startup(args.data_dir, args.batch_size, start_step, args.repeats)
+    print(f"| {start_step * args.batch_size:,} | {fraction:g} | {seconds:.2f} | "
+          f"{bytes_read / 1e6:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
