@@ -1,11 +1,11 @@
-"""Resume start-up: seconds from creating the train iterator to its first batch, per resume step.
+"""Resume start-up: seconds and bytes read from creating the train iterator to its first batch.
 
   PYTHONPATH=. python experiments/benchmarks/resume_startup.py --data_dir=/tmp/resume_tfds \
       [--num_examples=200000 --batch_size=256 --num_files=64]
 
 Why: a shard above input_pipeline.SHUFFLE_BUFFER_SIZE examples (ImageNet on one node: 1.28M)
 cannot be cached, so the start-up of a resumed run is what the pipeline must read before the
-first batch. The script prepares (once, into --data_dir) a TFDS dataset of --num_examples tiny
+first batch. The script prepares (once, into --data_dir) a TFDS dataset of --num_examples small
 JPEGs in --num_files TFRecord files, like a prepared ImageNet in miniature, then resumes a
 1-process run at several stream positions (fractions of an epoch, and into the second epoch) and
 prints a markdown table. Images are decoded but not cropped (host_crop_views=0), so the times are
