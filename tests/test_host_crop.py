@@ -12,13 +12,14 @@ import tensorflow as tf
 
 from simclr_jax import augment
 from simclr_jax import input_pipeline
+from simclr_jax.data import host_crops
 
 _SHAPE = (48, 64)  # height, width of the sampled images
 
 
 def _host_windows(crop: input_pipeline.HostCrop, count: int) -> np.ndarray:
   """[count, 4] windows (top, left, height, width) of view 0 for seeds 0..count-1."""
-  sample = lambda index: input_pipeline._crop_window(  # pylint: disable=protected-access
+  sample = lambda index: host_crops.crop_window(
       tf.constant(_SHAPE + (3,)), tf.stack([index, tf.constant(7, tf.int64)]), crop, view=0)
   windows = tf.data.Dataset.range(count).map(sample).batch(count)
   return next(iter(windows)).numpy()
@@ -131,13 +132,13 @@ def test_jpeg_crops_equal_bicubic_crops_of_the_decoded_image():
   jpeg = tf.io.encode_jpeg(pixels.round().astype(np.uint8), quality=95)
   decoded = tf.cast(tf.io.decode_jpeg(jpeg, channels=3), tf.float32)
   crop = input_pipeline.HostCrop()
-  # pylint: disable=protected-access
+
   for index in range(12):
     seeds = [tf.constant([index, view], tf.int64) for view in range(2)]
-    views = input_pipeline._random_resized_crops(jpeg, seeds, 32, crop)
+    views = host_crops.random_resized_crops(jpeg, seeds, 32, crop)
     assert views.shape == (2, 32, 32, 3) and views.dtype == tf.uint8
     for view, seed in enumerate(seeds):
-      top, left, height, width = input_pipeline._crop_window(
+      top, left, height, width = host_crops.crop_window(
           tf.constant([120, 160, 3]), seed, crop, view).numpy()
       expected = tf.image.resize(decoded[top:top + height, left:left + width], [32, 32],
                                  method="bicubic")

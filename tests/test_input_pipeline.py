@@ -3,6 +3,8 @@
 Runs on the package's generated `synthetic_shapes` (prepared into a temporary data_dir with the
 network blocked) and on a generated image folder; never needs real datasets.
 """
+import io
+import itertools
 import logging
 import socket
 
@@ -12,7 +14,9 @@ from PIL import Image
 import pytest
 
 from simclr_jax import input_pipeline
+from simclr_jax.data import sources
 from simclr_jax.data import synthetic_shapes
+from simclr_jax.data import windowed_shuffle
 
 DATASET = "synthetic_shapes"
 
@@ -235,3 +239,153 @@ def test_bad_input_gets_clear_errors(data_dir, tmp_path):
                                 seed=0)
   with pytest.raises(ValueError, match="exactly one of fraction or per_class"):
     input_pipeline.label_subset(DATASET, data_dir=data_dir, split="train", seed=0)
+
+
+@pytest.fixture
+def large_shard_limit(monkeypatch):
+  """Shards above 100 examples take the windowed path: windows of 50, blocks of 12."""
+  monkeypatch.setattr(input_pipeline, "SHUFFLE_BUFFER_SIZE", 100)
+  monkeypatch.setattr(windowed_shuffle, "BLOCKS_PER_WINDOW", 4)
+
+
+@pytest.mark.parametrize("data_shards, unbuffered_seeks", [(1, True), (2, False)])
+def test_large_shards_resume_exactly_at_any_position(data_dir, large_shard_limit, monkeypatch,
+                                                     data_shards, unbuffered_seeks):
+  if unbuffered_seeks:  # the path of large records (ImageNet's): skips read headers only
+    monkeypatch.setattr(sources, "_UNBUFFERED_MIN_RECORD_BYTES", 0)
+  # two stored splits: blocks and windows straddle a file boundary
+  split = "train[:300]+test[:300]"
+  fresh = _take(_train(data_dir, split=split, data_shards=data_shards, host_crop_views=1,
+                       image_size=16), 16)
+  indices = np.concatenate([batch["index"].reshape(data_shards, -1) for batch in fresh], 1)
+  per_shard = 600 // data_shards
+  for shard, shard_indices in enumerate(indices):  # every epoch: each member once, a new order
+    members = list(range(shard * per_shard, (shard + 1) * per_shard))
+    assert sorted(shard_indices[:per_shard]) == members
+    assert not np.array_equal(shard_indices[:per_shard], sorted(shard_indices[:per_shard]))
+    assert not np.array_equal(shard_indices[:100], shard_indices[per_shard:per_shard + 100])
+  for start_step in (3, 9, 14):  # mid-window, across the epoch boundary (600 / 64 = 9.4), later
+    resumed = _take(_train(data_dir, split=split, data_shards=data_shards, host_crop_views=1,
+                           image_size=16, start_step=start_step), 2)
+    for expected, actual in zip(fresh[start_step:], resumed):
+      for key in expected:
+        np.testing.assert_array_equal(expected[key], actual[key])
+
+
+def test_large_shards_keep_the_per_example_host_crops(data_dir, monkeypatch):
+  def first_epoch_crops():
+    batches = _take(_train(data_dir, host_crop_views=2, image_size=16), 9)  # 576 of 600
+    return {index: image for batch in batches
+            for index, image in zip(batch["index"], batch["image"])}
+
+  cached = first_epoch_crops()
+  monkeypatch.setattr(input_pipeline, "SHUFFLE_BUFFER_SIZE", 100)
+  windowed = first_epoch_crops()
+  common = set(cached) & set(windowed)
+  assert len(common) > 500  # two orders of the same 600 examples
+  for index in common:
+    np.testing.assert_array_equal(cached[index], windowed[index])
+
+
+def test_large_shards_of_a_subset_and_of_a_folder(data_dir, image_folder, large_shard_limit,
+                                                  monkeypatch):
+  subset = np.arange(1, 600, 2)  # the blocks' file ranges hold non-members
+  batches = _take(_train(data_dir, subset=subset, data_shards=2), 10)
+  for shard in range(2):
+    indices = np.concatenate([batch["index"][shard * 32:(shard + 1) * 32] for batch in batches])
+    assert sorted(indices[:150]) == list(subset[shard * 150:(shard + 1) * 150])
+  monkeypatch.setattr(input_pipeline, "SHUFFLE_BUFFER_SIZE", 2)  # < the folder's 4 images
+  batch, = _take(input_pipeline.create_train_iterator(
+      image_folder, data_dir=None, split="train", global_batch_size=8, image_size=16,
+      host_crop_views=1, host_crop=input_pipeline.HostCrop(), seed=0, mesh=_mesh(8)), 1)
+  assert sorted(batch["index"][:4]) == sorted(batch["index"][4:]) == [0, 1, 2, 3]
+
+
+def test_windowed_order_is_a_permutation_per_epoch_and_starts_anywhere():
+  members = np.arange(3, 1000, 3)
+  plan = dict(window_size=40, block_size=7, seed=5, shard=1)
+
+  def stream(start_position, count):
+    orders = windowed_shuffle.windows(members, start_position=start_position, **plan)
+    return np.concatenate(list(itertools.islice((order for _, _, order in orders), count)))
+
+  everything = stream(0, 40)
+  assert sorted(everything[:members.size]) == list(members)
+  for start_position in (0, 1, 39, 40, 332, 333, 500):
+    tail = stream(start_position, 3)
+    np.testing.assert_array_equal(tail, everything[start_position:start_position + tail.size])
+  for epoch, ranges, order in itertools.islice(windowed_shuffle.windows(
+      members, start_position=0, **plan), 10):
+    inside = (order[:, None] >= ranges[:, 0]) & (order[:, None] < ranges[:, 1])
+    assert (inside.sum(1) == 1).all() and epoch == 0  # the ranges read hold the window
+
+
+def _encoded(pixels: np.ndarray, image_format: str, mode: str | None = None, **options) -> bytes:
+  encoded = io.BytesIO()
+  image = Image.fromarray(pixels)
+  (image.convert(mode) if mode else image).save(encoded, image_format, **options)
+  return encoded.getvalue()
+
+
+def _folder_with(root, bad_name: str, bad_bytes: bytes) -> str:
+  """train/a and train/b with three good JPEGs and one bad file."""
+  rng = np.random.default_rng(0)
+  for number, label in enumerate("aab"):
+    (root / "train" / label).mkdir(parents=True, exist_ok=True)
+    (root / "train" / label / f"{number}.jpg").write_bytes(
+        _encoded(rng.integers(0, 256, (20, 24, 3), np.uint8), "JPEG"))
+  (root / "train" / "b" / bad_name).write_bytes(bad_bytes)
+  return f"{input_pipeline.FOLDER_PREFIX}{root}"
+
+
+_GOOD_JPEG = _encoded(np.random.default_rng(1).integers(0, 256, (40, 30, 3), np.uint8), "JPEG")
+
+
+@pytest.mark.parametrize("bad_name, bad_bytes, reason", [
+    ("truncated.jpg", _GOOD_JPEG[:len(_GOOD_JPEG) // 2], "Invalid JPEG data"),
+    ("corrupt.jpg", _GOOD_JPEG[:200] + np.random.default_rng(0).bytes(300) + _GOOD_JPEG[500:],
+     "Invalid JPEG data"),
+    ("notes.png", b"not an image, despite its name", "Unknown image file format"),
+    ("empty.jpeg", b"", "Input is empty"),
+])
+def test_undecodable_files_are_named_in_training_and_evaluation(tmp_path, bad_name, bad_bytes,
+                                                               reason):
+  folder = _folder_with(tmp_path, bad_name, bad_bytes)
+  message = rf"Cannot decode {tmp_path}/train/b/{bad_name}: .*{reason}.*Images must be JPEG, PNG"
+  with pytest.raises(ValueError, match=message):
+    _take(input_pipeline.create_train_iterator(
+        folder, data_dir=None, split="train", global_batch_size=8, image_size=16,
+        host_crop_views=1, host_crop=input_pipeline.HostCrop(), seed=0, mesh=_mesh(8),
+        start_step=3), 2)
+  with pytest.raises(ValueError, match=message):
+    list(input_pipeline.create_eval_iterator(folder, data_dir=None, split="train",
+                                             global_batch_size=2, image_size=16, mesh=_mesh(2)))
+
+
+def test_empty_class_folders_are_named_when_the_folder_is_opened(tmp_path):
+  folder = _folder_with(tmp_path, "fine.jpg", _GOOD_JPEG)
+  (tmp_path / "train" / "c").mkdir()
+  (tmp_path / "train" / "c" / "labels.txt").write_text("nothing here")
+  with pytest.raises(ValueError, match=rf"class folder {tmp_path}/train/c holds no "
+                                       r"\.jpg/\.jpeg/\.png images.*labels\.txt"):
+    input_pipeline.get_dataset_info(folder)
+
+
+def test_cmyk_16_bit_rgba_and_one_pixel_images_are_converted_to_rgb(tmp_path):
+  rng = np.random.default_rng(2)
+  rgb = np.kron(rng.integers(0, 256, (4, 4, 3), np.uint8), np.ones((4, 4, 1), np.uint8))
+  rgba = rng.integers(0, 256, (16, 16, 4), np.uint8)
+  gray16 = rng.integers(0, 2**16, (16, 16)).astype(np.uint16)
+  files = {"cmyk.jpg": _encoded(rgb, "JPEG", "CMYK", quality=95), "gray16.png": _encoded(gray16, "PNG"),
+           "rgba.png": _encoded(rgba, "PNG"), "pixel.png": _encoded(rgb[:1, :1], "PNG")}
+  (tmp_path / "test" / "a").mkdir(parents=True)
+  for name, encoded in files.items():
+    (tmp_path / "test" / "a" / name).write_bytes(encoded)
+  batch, = [jax.tree.map(np.asarray, b) for b in input_pipeline.create_eval_iterator(
+      f"{input_pipeline.FOLDER_PREFIX}{tmp_path}", data_dir=None, split="test",
+      global_batch_size=4, image_size=16, mesh=_mesh(1))]
+  cmyk, gray, pixel, rgba_image = batch["image"]  # sorted by name
+  assert np.abs(cmyk.astype(int) - rgb).mean() < 6  # JPEG loss (~3.4); inverted inks: ~100
+  np.testing.assert_array_equal(gray, np.repeat((gray16 >> 8).astype(np.uint8)[..., None], 3, -1))
+  np.testing.assert_array_equal(pixel, np.broadcast_to(rgb[0, 0], (16, 16, 3)))
+  np.testing.assert_array_equal(rgba_image, rgba[..., :3])

@@ -29,12 +29,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 # 2 processes vs 1: the same programme, but gradient shares and BN statistics are summed by gloo
 # across processes instead of inside one, in another order. Full-rate LARS steps amplify float32
-# rounding in a few near-degenerate BN channels, so the states differ by more than rounding:
-# measured in global relative L2 norm after step 6, 3.9e-6 (params), 8.5e-7 (BN statistics) and
-# 1.1e-5 (momentum) for the 2-process run -- the same size as 1 device vs 8 devices in one
-# process. The bounds leave a ~8x margin; a wrong reduction (a missed or doubled device) is O(1).
-GLOBAL_RTOL = {"params": 3e-5, "batch_stats": 1e-5, "opt_state": 1e-4}
-LOSS_RTOL = 1e-5
+# rounding in a few near-degenerate BN channels of this tiny network (whose untrusted BN steps the
+# official loss scale doubled), so the states differ by more than rounding: measured in global
+# relative L2 norm after step 6, 3.5e-4 (params), 5.7e-5 (BN statistics), 8.0e-4 (momentum), and
+# losses by up to 7e-5 (at the per-anchor loss scale: 3.9e-6, 8.5e-7, 1.1e-5). The bounds leave a
+# ~3x margin; a wrong reduction (a missed or doubled device) moves the loss at step 1 by O(1e-2).
+GLOBAL_RTOL = {"params": 1e-3, "batch_stats": 2e-4, "opt_state": 3e-3}
+LOSS_RTOL = 3e-4
 INDEX_WORKER = """
 import json, sys, threading
 import numpy as np

@@ -34,6 +34,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_jax import input_pipeline
+from simclr_jax.data import host_crops
 
 IMAGE_SIZE = 224
 BATCH = 64
@@ -71,10 +72,10 @@ def _official_views(jpeg: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
 
 def _our_views(jpeg: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
   """The host crops of create_train_iterator, seeded as it seeds them (epoch 0, seed 0)."""
-  # pylint: disable=protected-access
+
   seed = input_pipeline._derived_seed(0, 0, input_pipeline._CROP_PURPOSE, index)
   seeds = [tf.random.experimental.stateless_fold_in(seed, view) for view in range(2)]
-  return input_pipeline._random_resized_crops(  # pylint: disable=protected-access
+  return host_crops.random_resized_crops(
       jpeg, seeds, IMAGE_SIZE, input_pipeline.HostCrop())
 
 
@@ -129,9 +130,9 @@ def main() -> None:
       "official: decode whole, float32 crop + resize": _map_pipeline(
           jpegs, _official_views, official_options),
       "official, with our tf.data options (one intra-op thread)": _map_pipeline(
-          jpegs, _official_views, input_pipeline._tf_options()),  # pylint: disable=protected-access
+          jpegs, _official_views, input_pipeline._tf_options()),
       "ours: one decode_and_crop_jpeg, uint8 out": _map_pipeline(
-          jpegs, _our_views, input_pipeline._tf_options()),  # pylint: disable=protected-access
+          jpegs, _our_views, input_pipeline._tf_options()),
   }
   if not args.source_size:
     rows["ours end to end (create_train_iterator)"] = _end_to_end(args, len(jpegs))

@@ -42,7 +42,6 @@ from simclr_jax import losses
 from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import sharding
-from simclr_jax import workdir_files
 from simclr_jax.evaluators import classification
 from simclr_jax.jobs import supervised
 
@@ -186,14 +185,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   `mesh` defaults to every device of every process along 'data'. Rerunning the same command on
   the workdir resumes from its newest checkpoint, or returns the results of a finished run.
   """
-  workdir = os.path.abspath(workdir)
-  mesh = mesh if mesh is not None else sharding.create_mesh()
-  validate_config(config, num_devices=mesh.devices.size)
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
-  sizes = supervised.split_sizes(config, mesh)
-  finished = workdir_files.finished_results(workdir, config)
-  if finished is not None:
-    return finished
+  begin = supervised.start(config, workdir, mesh, validate=validate_config)
+  if begin.finished is not None:
+    return begin.finished
+  workdir, mesh, info, sizes = begin.workdir, begin.mesh, begin.info, begin.split_sizes
   classifier = supervised.create_classifier(config, info.num_classes, axis_name=DATA_AXIS)
   params, batch_stats, model_config = initial_variables(config, classifier)
   subset, subset_record = choose_label_subset(config, sizes[config.train_split])

@@ -15,7 +15,6 @@ export holds, report top-1/top-5/mean per-class accuracy on the eval split and t
 export the encoder with its linear head to workdir/export.
 """
 import functools
-import os
 from typing import Any, Mapping
 
 import jax
@@ -107,14 +106,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   `mesh` defaults to every device of every process along 'data'; the accuracy does not depend
   on it. Rerunning a finished workdir returns its results; an interrupted SGD probe resumes.
   """
-  workdir = os.path.abspath(workdir)
-  mesh = mesh if mesh is not None else sharding.create_mesh()
-  validate_config(config, num_devices=mesh.devices.size)
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
-  sizes = supervised.split_sizes(config, mesh)
-  finished = workdir_files.finished_results(workdir, config)
-  if finished is not None:
-    return finished
+  begin = supervised.start(config, workdir, mesh, validate=validate_config)
+  if begin.finished is not None:
+    return begin.finished
+  workdir, mesh, info, sizes = begin.workdir, begin.mesh, begin.info, begin.split_sizes
   encoder_export, frozen_host = export.load_encoder_variables(
       config.init_from, config.model, projection_layer=config.projection_layer,
       image_size=config.image_size)

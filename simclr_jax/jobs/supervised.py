@@ -6,8 +6,9 @@ predictions.png, confusion_matrix.png, and export/ — the encoder plus its trai
 `supervised_head`, an encoder export that `simclr_jax.tools.predict`, a later probe or the
 safetensors export can read.
 """
+import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -35,6 +36,28 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, num_devices
   models.check_projection_layer(models.ModelConfig.from_mapping(config.model),
                                 config.projection_layer)
   config_checks.check_evals(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """What a supervised job knows before it builds anything."""
+  workdir: str                            # absolute
+  mesh: jax.sharding.Mesh
+  info: input_pipeline.DatasetInfo
+  split_sizes: dict[str, int]             # train and eval split spec -> examples
+  finished: dict[str, Any] | None         # the results of this same run, if it finished
+
+
+def start(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None, *,
+          validate: Callable[..., None]) -> Start:
+  """The opening of every supervised job: the mesh (default: every device along 'data'), the
+  config validated, the dataset and its splits checked, a finished run found."""
+  workdir = os.path.abspath(workdir)
+  mesh = mesh if mesh is not None else sharding.create_mesh()
+  validate(config, num_devices=mesh.devices.size)
+  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
+  return Start(workdir=workdir, mesh=mesh, info=info, split_sizes=split_sizes(config, mesh),
+               finished=workdir_files.finished_results(workdir, config))
 
 
 def split_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, int]:
