@@ -371,8 +371,8 @@ def test_architecture_mismatch_is_a_clear_error(data_dir, random_export, tmp_pat
 
 
 def test_missing_projection_head_layer_is_a_clear_error(data_dir, random_export, tmp_path):
-  config = probe_config(data_dir, random_export, projection_layer=3)
-  with pytest.raises(ValueError, match="projection_layer=3"):
+  config = probe_config(data_dir, random_export, projection_layer=4)
+  with pytest.raises(ValueError, match="projection_layer=4"):
     linear_probe.run(config, str(tmp_path))
 
 
