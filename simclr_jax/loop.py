@@ -8,7 +8,10 @@ step and its input; the loop does the rest the same way for all of them:
 - SIGTERM (preemption): checkpoint the current step, then raise `Preempted` (exit 143);
 - a wall-clock budget that ends training after the step reaching it, checkpointed like the end;
 - periodic evaluators (`simclr_jax.evaluators`), whose time is not counted as training time;
-- progress (steps/s, ETA) and checkpoints every `checkpoint_every_steps`.
+  those with `at_start` also score the initial state of a new run, kept as `initial_<metric>`
+  in the checkpoints' run record and the results (the random-init baseline survives a resume);
+- a console line per log interval (`simclr_jax.console`), checkpoints every
+  `checkpoint_every_steps`.
 """
 import os
 import signal
@@ -26,6 +29,8 @@ import numpy as np
 import optax
 
 from simclr_jax import checkpointing
+from simclr_jax import console
+from simclr_jax import errors
 from simclr_jax import sharding
 from simclr_jax import workdir_files
 
@@ -33,6 +38,8 @@ from simclr_jax import workdir_files
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 # Run-record keys where a mismatch changes the run's input order but not its validity.
 _WARN_ONLY_KEYS = ("data_shards", "total_steps")
+# Prefix of the evaluators' scores of the initial state, in run records and results.
+INITIAL_PREFIX = "initial_"
 
 StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
 
@@ -142,9 +149,12 @@ class MetricLog:
   from the end of the first (compiling) step, without the time spent in evaluators.
   """
 
-  def __init__(self, writer: metric_writers.MetricWriter, global_batch_size: int):
+  def __init__(self, writer: metric_writers.MetricWriter, global_batch_size: int, *,
+               total_steps: int, unit: str):
     self._writer = writer
     self._batch_size = global_batch_size
+    self._total_steps = total_steps
+    self._unit = unit
     self._pending: list[tuple[int, Any]] = []
     self._clock_start = self._interval_start = None
     self._first_step = self._interval_step = None
@@ -171,17 +181,24 @@ class MetricLog:
     if step > self._interval_step:
       self.summary["examples_per_sec"] = ((step - self._interval_step) * self._batch_size /
                                           (now - self._interval_start))
+    examples_per_sec = self.summary.get("examples_per_sec") if step > self._interval_step else None
     self._interval_start, self._interval_step = now, step
     self._writer.write_scalars(step, {name: self.summary[name]
                                       for name in [*fetched[0][1], "examples_per_sec"]
                                       if name in self.summary})
+    if jax.process_index() == 0:
+      logging.info("%s", console.interval_line(
+          step, self._total_steps, self.summary, examples_per_sec=examples_per_sec,
+          batch_size=self._batch_size, unit=self._unit))
 
   def write_evaluation(self, step: int, metrics: Mapping[str, float], seconds: float) -> None:
     """An evaluator's metrics; its `seconds` do not count as training time."""
     self.summary.update(metrics)
     self._writer.write_scalars(step, metrics)
-    self._excluded_seconds += seconds
-    if self._interval_start is not None:
+    if jax.process_index() == 0:
+      logging.info("%s", console.evaluation_line(step, metrics, seconds))
+    if self._clock_start is not None:  # an evaluation before the first step is not in the clock
+      self._excluded_seconds += seconds
       self._interval_start += seconds
 
   def throughput(self, last_step: int) -> tuple[float, float]:
@@ -224,7 +241,7 @@ def check_resumable(record: Mapping[str, Any], expected: Mapping[str, Any], work
       logging.warning("the checkpoint was written by a run of %s steps; continuing to %s steps "
                       "(the learning-rate schedule changes)", record[key], value)
     else:
-      raise ValueError(f"{workdir} holds a run with {key}={record[key]!r} but the config says "
+      raise errors.InvalidInput(f"{workdir} holds a run with {key}={record[key]!r} but the config says "
                        f"{key}={value!r}; resuming would not continue the same run. Use a new "
                        "--workdir or the original config")
 
@@ -239,17 +256,18 @@ def progress_reporter(total_steps: int, writer: metric_writers.MetricWriter,
 
 
 def _restore(checkpointer: checkpointing.TrainCheckpointer, initialize: Callable[[], Any],
-             record: Mapping[str, Any], latest: Mapping[str, Any] | None, workdir: str) -> Any:
-  """The newest good checkpoint of this run, or a fresh state; `latest` (the newest record) was
-  checked against `record` already."""
+             record: Mapping[str, Any], latest: Mapping[str, Any] | None, workdir: str
+             ) -> tuple[Any, Mapping[str, Any]]:
+  """(the newest good checkpoint of this run, its run record), or (a fresh state, {}); `latest`
+  (the newest record) was checked against `record` already."""
   state = initialize()
   restored = checkpointer.restore_latest(state)
   if restored is None:
-    return state
+    return state, {}
   state, restored_record = restored
   if restored_record != latest:  # fell back to an older checkpoint
     check_resumable(restored_record, record, workdir)
-  return state
+  return state, restored_record
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable[[], Any],
@@ -276,10 +294,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
     workdir_files.write_config(workdir, config)
     writer = workdir_files.create_metric_writer(workdir)
     try:
-      state, summary = _train(config, workdir, checkpointer, writer, _restore(
-          checkpointer, initialize, record, latest, workdir), train_step=train_step,
-                              make_batches=make_batches, total_steps=total_steps,
-                              num_examples=num_examples, evaluators=evaluators, record=record)
+      state, restored_record = _restore(checkpointer, initialize, record, latest, workdir)
+      state, summary = _train(config, workdir, checkpointer, writer, state,
+                              train_step=train_step, make_batches=make_batches,
+                              total_steps=total_steps, num_examples=num_examples,
+                              evaluators=evaluators, record=record,
+                              restored_record=restored_record)
       results = finish(state, summary)
       workdir_files.write_final_scalars(writer, summary["step"], results)
     finally:
@@ -292,13 +312,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
 
 
 def _train(config, workdir, checkpointer, writer, state, *, train_step, make_batches, total_steps,
-           num_examples, evaluators, record) -> tuple[Any, dict[str, Any]]:
+           num_examples, evaluators, record, restored_record) -> tuple[Any, dict[str, Any]]:
   """The step loop of `run`: (final state, summary)."""
   step = start_step = int(sharding.to_host(state.step))
   logging.info("%s on %s: %d steps of %d images, starting at step %d", config.mode,
                config.dataset, total_steps, config.global_batch_size, start_step)
+  log = MetricLog(writer, config.global_batch_size, total_steps=total_steps,
+                  unit="pairs/s" if config.mode == "pretrain" else "images/s")
+  initial = {name: value for name, value in restored_record.items()
+             if name.startswith(INITIAL_PREFIX)}
+  if start_step == 0:
+    initial = {INITIAL_PREFIX + name: value for name, value in _evaluate(
+        [e for e in evaluators if e.at_start], state, 0, log).items()}
+  record = dict(record, **initial)
   batches = make_batches(start_step)
-  log = MetricLog(writer, config.global_batch_size)
   report_progress = progress_reporter(total_steps, writer, config.log_every_steps)
   budget = TimeBudget(config.max_train_minutes, check_every_steps=config.log_every_steps)
   last_saved = checkpointer.latest_step()
@@ -332,6 +359,7 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
                     config.max_train_minutes, step, total_steps)
   train_seconds, examples_per_sec = log.throughput(step)
   summary = {name: value for name, value in log.summary.items() if name != "examples_per_sec"}
+  summary.update(initial)
   summary.update(step=step, start_step=start_step, num_train_steps=total_steps,
                  train_seconds=train_seconds, examples_per_sec=examples_per_sec,
                  stopped_early_by_time_budget=step < total_steps,
@@ -339,8 +367,13 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
   return state, summary
 
 
-def _evaluate(evaluators: Sequence[Any], state: Any, step: int, log: MetricLog) -> None:
+def _evaluate(evaluators: Sequence[Any], state: Any, step: int, log: MetricLog
+              ) -> dict[str, float]:
+  """Runs `evaluators` on `state`; all their metrics."""
+  results = {}
   for evaluator in evaluators:
     start = time.monotonic()
     metrics = evaluator.run(state)
     log.write_evaluation(step, metrics, time.monotonic() - start)
+    results.update(metrics)
+  return results

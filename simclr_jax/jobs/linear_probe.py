@@ -110,7 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   mesh = mesh if mesh is not None else sharding.create_mesh()
   validate_config(config, num_devices=mesh.devices.size)
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
+  info = config_checks.dataset_info(config)
   sizes = supervised.split_sizes(config, mesh)
   finished = workdir_files.finished_results(workdir, config)
   if finished is not None:

@@ -34,11 +34,14 @@ from simclr_jax import sharding
 from simclr_jax import workdir_files
 from simclr_jax.evaluators import knn
 from simclr_jax.evaluators import linear
+from simclr_jax.visualize import augmentations
 from simclr_jax.visualize import curves
 
 DATA_AXIS = sharding.DATA_AXIS
 # What an encoder export keeps of the model: the probe's head is specific to the pretraining data.
 EXPORTED_PARTS = ("encoder", "projection_head")
+# The augmentation preview: rows of images, views per image.
+PREVIEW_IMAGES, PREVIEW_VIEWS = 8, 6
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
@@ -189,11 +192,28 @@ def export_state(workdir: str, config: ml_collections.ConfigDict, state: loop.Tr
   return save_export(directory, config.to_dict(), params, batch_stats, int(step))
 
 
+def write_augmentation_preview(workdir: str, config: ml_collections.ConfigDict,
+                               class_names) -> str:
+  """The first training images beside views of `config.augment` (the ones training draws, made
+  by the JAX ops) as workdir/augmentations.png."""
+  batch = next(iter(input_pipeline.create_eval_iterator(
+      config.dataset, data_dir=config.data_dir or None, split=config.train_split,
+      global_batch_size=PREVIEW_IMAGES, image_size=config.image_size,
+      mesh=sharding.create_mesh(jax.local_devices()[:1]))))
+  images, labels = sharding.to_host((batch["image"], batch["label"]))
+  views = augmentations.augmented_views(images, config.augment, image_size=config.image_size,
+                                        num_views=PREVIEW_VIEWS, seed=config.seed)
+  return augmentations.plot_augmentation_grid(
+      images, views, os.path.join(workdir, workdir_files.AUGMENTATIONS_FILE),
+      row_labels=[class_names[label] for label in labels],
+      title=f"{config.dataset}: training views ({config.image_size} px)")
+
+
 def export_initialization(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The encoder `config`'s pretraining starts from (its seed's random init) into workdir/export:
   the random-init baseline of linear probes (BN statistics at their initial 0 / 1)."""
   workdir = os.path.abspath(workdir)
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
+  info = config_checks.dataset_info(config)
   state = create_train_state(create_model(config, info.num_classes), optax.identity(),
                              seed=config.seed, image_size=config.image_size,
                              mesh=sharding.create_mesh(jax.local_devices()[:1]))
@@ -234,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   workdir = os.path.abspath(workdir)
   mesh = mesh if mesh is not None else sharding.create_mesh()
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
+  info = config_checks.dataset_info(config)
   validate_config(config, num_devices=mesh.devices.size, info=info)
   finished = workdir_files.finished_results(workdir, config, continuable=True)
   if finished is not None:
@@ -247,15 +267,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                             backend=config.augment_backend)
   train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
                                learning_rate_fn=schedule, mesh=mesh)
-  logging.info("pretraining %s on %s with %d device(s) in %d process(es): %s convolutions, %s "
-               "batch norm", config.model.to_dict(), config.dataset, mesh.devices.size,
-               jax.process_count(), model.conv_backend, model.norm_backend)
+  logging.info("pretraining ResNet-%d (width %g) on %s with %d device(s) in %d process(es): %s "
+               "convolutions, %s batch norm", config.model.depth, config.model.width_multiplier,
+               config.dataset, mesh.devices.size, jax.process_count(), model.conv_backend,
+               model.norm_backend)
   def finish(state: loop.TrainState, summary: dict[str, Any]) -> dict[str, Any]:
     export_state(workdir, config, state)
     if jax.process_index() == 0:
       curves.plot_training_curves(os.path.join(workdir, workdir_files.METRICS_FILE),
                                   os.path.join(workdir, workdir_files.LOSS_CURVE_FILE),
                                   title=f"SimCLR {config.dataset}")
+      write_augmentation_preview(workdir, config, info.class_names)
     return {"mode": "pretrain", "dataset": config.dataset, **summary,
             "pairs_per_sec": summary["examples_per_sec"],
             "global_batch_size": config.global_batch_size,

@@ -40,10 +40,11 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, num_devices
 def split_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, int]:
   """{split spec: size} of the train and eval splits; reads no data, fails early on a bad
   dataset or split spec (the input pipeline names the available ones)."""
-  return {split: input_pipeline.create_eval_iterator(
-      config.dataset, data_dir=config.data_dir or None, split=split,
-      global_batch_size=config.global_batch_size, image_size=config.image_size,
-      mesh=mesh).num_examples for split in (config.train_split, config.eval_split)}
+  with config_checks.user_input():
+    return {split: input_pipeline.create_eval_iterator(
+        config.dataset, data_dir=config.data_dir or None, split=split,
+        global_batch_size=config.global_batch_size, image_size=config.image_size,
+        mesh=mesh).num_examples for split in (config.train_split, config.eval_split)}
 
 
 def create_classifier(config: ml_collections.ConfigDict, num_classes: int, *,
