@@ -87,6 +87,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # Wall-clock budget of one invocation (0 = none): training stops after the step that reaches
   # it, checkpoints, exports and evaluates as at the end; rerunning the workdir continues.
   config.max_train_minutes = 0.0
+  # With a budget: after the first timed steps, shorten the schedule to what the measured rate
+  # fits in it, so the learning rate decays to 0 inside the budget on any machine.
+  config.schedule_fits_budget = False
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
@@ -188,6 +191,7 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   # Wall-clock budget of one invocation (0 = none), as in pretraining: training stops after the
   # step that reaches it, checkpoints, evaluates and exports; rerunning the workdir continues.
   config.max_train_minutes = 0.0
+  config.schedule_fits_budget = False  # as in pretraining: fit the schedule to the budget
   config.log_every_steps = log_every_steps
   config.eval_every_steps = eval_every_steps  # test top-1 during training (0 = only at the end)
   config.checkpoint_every_steps = eval_every_steps

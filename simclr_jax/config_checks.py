@@ -121,6 +121,8 @@ def check_training(config: ml_collections.ConfigDict) -> None:
           f"optimizer.warmup_epochs={optimizer.warmup_epochs} must be >= 0")
   require(config.max_train_minutes >= 0,
           f"max_train_minutes={config.max_train_minutes} must be >= 0 (0 = no budget)")
+  require(not config.schedule_fits_budget or config.max_train_minutes > 0,
+          "schedule_fits_budget=True needs a time budget: set max_train_minutes > 0")
   for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
 

@@ -7,6 +7,10 @@ step and its input; the loop does the rest the same way for all of them:
   it is written and before any checkpoint could hold the state (the last good one is kept);
 - SIGTERM (preemption): checkpoint the current step, then raise `Preempted` (exit 143);
 - a wall-clock budget that ends training after the step reaching it, checkpointed like the end;
+  with `config.schedule_fits_budget`, the learning-rate schedule is fitted to it instead: after
+  the first timed steps, total_steps becomes what the measured rate fits in the budget (never
+  more than the config's), the job's step is rebuilt for it (one more compile), and the run
+  record keeps the fitted length, so a resume continues the same schedule;
 - periodic evaluators (`simclr_jax.evaluators`), whose time is not counted as training time;
   those with `at_start` also score the initial state of a new run, kept as `initial_<metric>`
   in the checkpoints' run record and the results (the random-init baseline survives a resume);
@@ -40,6 +44,12 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 _WARN_ONLY_KEYS = ("data_shards", "total_steps")
 # Prefix of the evaluators' scores of the initial state, in run records and results.
 INITIAL_PREFIX = "initial_"
+# Run-record and results key of a schedule fitted to the time budget.
+FITTED_TOTAL_STEPS = "fitted_total_steps"
+# Steps timed after the compiling first one before the schedule is fitted (at a log point), and
+# the share of the measured rate counted on (later evaluations and a slower machine phase).
+FIT_AFTER_STEPS = 10
+FIT_RATE_SHARE = 0.95
 
 StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
 
@@ -118,6 +128,9 @@ class TimeBudget:
     self._check_every_steps = check_every_steps
     self._start = time.monotonic()
 
+  def seconds_left(self) -> float:
+    return self._seconds - (time.monotonic() - self._start)
+
   def spent(self, step: int) -> bool:
     if self._seconds <= 0:
       return False
@@ -153,7 +166,7 @@ class MetricLog:
                total_steps: int, unit: str):
     self._writer = writer
     self._batch_size = global_batch_size
-    self._total_steps = total_steps
+    self.total_steps = total_steps
     self._unit = unit
     self._pending: list[tuple[int, Any]] = []
     self._clock_start = self._interval_start = None
@@ -188,7 +201,7 @@ class MetricLog:
                                       if name in self.summary})
     if jax.process_index() == 0:
       logging.info("%s", console.interval_line(
-          step, self._total_steps, self.summary, examples_per_sec=examples_per_sec,
+          step, self.total_steps, self.summary, examples_per_sec=examples_per_sec,
           batch_size=self._batch_size, unit=self._unit))
 
   def write_evaluation(self, step: int, metrics: Mapping[str, float], seconds: float) -> None:
@@ -200,6 +213,14 @@ class MetricLog:
     if self._clock_start is not None:  # an evaluation before the first step is not in the clock
       self._excluded_seconds += seconds
       self._interval_start += seconds
+
+  def steps_timed(self, step: int) -> int:
+    return 0 if self._first_step is None else step - self._first_step
+
+  def steps_per_second(self, step: int) -> float:
+    """Training steps/s from the end of the first step to `step` (evaluations excluded)."""
+    seconds = time.monotonic() - self._clock_start - self._excluded_seconds
+    return self.steps_timed(step) / seconds
 
   def throughput(self, last_step: int) -> tuple[float, float]:
     """(training seconds, examples/s) from the end of the first step to `last_step`."""
@@ -233,6 +254,8 @@ def check_resumable(record: Mapping[str, Any], expected: Mapping[str, Any], work
   for key, value in expected.items():
     if key == "step" or key not in record or record[key] == value:
       continue
+    if key == "total_steps" and FITTED_TOTAL_STEPS in record:
+      continue  # the run's schedule was fitted to its time budget; it keeps that length
     if key == "data_shards":
       logging.warning("the checkpoint was written with data_shards=%s, this run uses %s: training "
                       "continues, but on a different (equally valid) order of batches than an "
@@ -270,8 +293,20 @@ def _restore(checkpointer: checkpointing.TrainCheckpointer, initialize: Callable
   return state, restored_record
 
 
+def fitted_total_steps(step: int, *, steps_per_second: float, seconds_left: float,
+                       total_steps: int) -> int:
+  """The schedule length that ends inside the budget at the measured rate: at least one more
+  step, at most `total_steps`; process 0's value on every process."""
+  fitted = step + int(FIT_RATE_SHARE * steps_per_second * max(seconds_left, 0.0))
+  fitted = np.int64(min(max(fitted, step + 1), total_steps))
+  if jax.process_count() > 1:
+    fitted = multihost_utils.broadcast_one_to_all(fitted)
+  return int(fitted)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable[[], Any],
-        train_step: StepFn, make_batches: Callable[[int], Iterator], total_steps: int,
+        train_step_for: Callable[[int], StepFn], make_batches: Callable[[int], Iterator],
+        total_steps: int,
         num_examples: int, finish: Callable[[Any, dict[str, Any]], dict[str, Any]],
         evaluators: Sequence[Any] = (), identity: Mapping[str, Any] | None = None
         ) -> dict[str, Any]:
@@ -279,6 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
   then `finish(state, summary)` exports and draws what the job leaves and returns its results,
   which go to TensorBoard (as final_<name>) and, last, to results.json.
 
+  `train_step_for(total_steps)` builds the job's step for a schedule of that length;
   `make_batches(start_step)` returns the input iterator positioned at `start_step`;
   `evaluators` run every `evaluator.every_steps` (0: only at the end) and at the last step;
   `identity` is what this job's checkpoints must also agree on (`run_record`). The summary holds
@@ -296,7 +332,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
     try:
       state, restored_record = _restore(checkpointer, initialize, record, latest, workdir)
       state, summary = _train(config, workdir, checkpointer, writer, state,
-                              train_step=train_step, make_batches=make_batches,
+                              train_step_for=train_step_for, make_batches=make_batches,
                               total_steps=total_steps, num_examples=num_examples,
                               evaluators=evaluators, record=record,
                               restored_record=restored_record)
@@ -311,10 +347,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
   return results
 
 
-def _train(config, workdir, checkpointer, writer, state, *, train_step, make_batches, total_steps,
-           num_examples, evaluators, record, restored_record) -> tuple[Any, dict[str, Any]]:
+def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make_batches,
+           total_steps, num_examples, evaluators, record, restored_record
+           ) -> tuple[Any, dict[str, Any]]:
   """The step loop of `run`: (final state, summary)."""
   step = start_step = int(sharding.to_host(state.step))
+  fitted = restored_record.get(FITTED_TOTAL_STEPS)
+  fitting = fitted is None and config.get("schedule_fits_budget") and config.max_train_minutes > 0
+  total_steps = fitted or total_steps
+  train_step = train_step_for(total_steps)
   logging.info("%s on %s: %d steps of %d images, starting at step %d", config.mode,
                config.dataset, total_steps, config.global_batch_size, start_step)
   log = MetricLog(writer, config.global_batch_size, total_steps=total_steps,
@@ -324,7 +365,7 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
   if start_step == 0:
     initial = {INITIAL_PREFIX + name: value for name, value in _evaluate(
         [e for e in evaluators if e.at_start], state, 0, log).items()}
-  record = dict(record, **initial)
+  record = dict(record, **initial, **({FITTED_TOTAL_STEPS: fitted} if fitted else {}))
   batches = make_batches(start_step)
   report_progress = progress_reporter(total_steps, writer, config.log_every_steps)
   budget = TimeBudget(config.max_train_minutes, check_every_steps=config.log_every_steps)
@@ -341,6 +382,18 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
         due = [e for e in evaluators if last or (e.every_steps and step % e.every_steps == 0)]
         if saving or due or step % config.log_every_steps == 0:
           log.flush(step, last_saved)  # before saving: a NaN state is never checkpointed
+          if fitting and not last and log.steps_timed(step) >= FIT_AFTER_STEPS:
+            fitting = False
+            fitted = fitted_total_steps(step, steps_per_second=log.steps_per_second(step),
+                                        seconds_left=budget.seconds_left(),
+                                        total_steps=total_steps)
+            logging.info("schedule fitted to the %g-minute budget: %d steps instead of %d "
+                         "(%.2f steps/s)", config.max_train_minutes, fitted, total_steps,
+                         log.steps_per_second(step))
+            total_steps = log.total_steps = fitted
+            record.update(total_steps=fitted, **{FITTED_TOTAL_STEPS: fitted})
+            train_step = train_step_for(fitted)
+            report_progress = progress_reporter(fitted, writer, config.log_every_steps)
         _evaluate(due, state, step, log)
         if saving:
           checkpointer.save(step, state, dict(record, step=step))
@@ -359,7 +412,7 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
                     config.max_train_minutes, step, total_steps)
   train_seconds, examples_per_sec = log.throughput(step)
   summary = {name: value for name, value in log.summary.items() if name != "examples_per_sec"}
-  summary.update(initial)
+  summary.update(initial, **({FITTED_TOTAL_STEPS: fitted} if fitted else {}))
   summary.update(step=step, start_step=start_step, num_train_steps=total_steps,
                  train_seconds=train_seconds, examples_per_sec=examples_per_sec,
                  stopped_early_by_time_budget=step < total_steps,

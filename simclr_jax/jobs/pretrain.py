@@ -71,12 +71,15 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, *,
       norm_backend=native.resolve_backend("norm_backend", config.norm_backend))
 
 
-def create_optimizer(config: ml_collections.ConfigDict, num_examples: int
+def create_optimizer(config: ml_collections.ConfigDict, num_examples: int, *,
+                     total_steps: int | None = None
                      ) -> tuple[optax.GradientTransformation, optax.Schedule, int]:
   """(optimizer, its schedule, total steps): `config.optimizer` for the model, momentum SGD at
-  `probe_learning_rate` (same warmup and cosine) for the online probe."""
-  model_optimizer, schedule, total_steps = optim.optimizer_from_config(config, num_examples)
-  _, warmup_steps = optim.training_steps(config, num_examples)
+  `probe_learning_rate` (same warmup and cosine) for the online probe; `total_steps` replaces
+  the config's length (a schedule fitted to the time budget)."""
+  model_optimizer, schedule, total_steps = optim.optimizer_from_config(
+      config, num_examples, total_steps=total_steps)
+  _, warmup_steps = optim.training_steps(config, num_examples, total_steps=total_steps)
   probe_schedule = optim.learning_rate_schedule(
       config.optimizer.probe_learning_rate, lr_scaling="none",
       global_batch_size=config.global_batch_size, total_steps=total_steps,
@@ -261,12 +264,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     return finished
   num_examples = info.split_sizes[config.train_split]
   model = create_model(config, info.num_classes)
-  optimizer, schedule, total_steps = create_optimizer(config, num_examples)
+  optimizer, _, total_steps = create_optimizer(config, num_examples)
   augment_view = augment.build_augmentation(config.augment, config.image_size,
                                             crop_on_device=config.host_crop_views == 0,
                                             backend=config.augment_backend)
-  train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
-                               learning_rate_fn=schedule, mesh=mesh)
+
+  def train_step_for(total_steps: int) -> loop.StepFn:
+    """The step of a schedule `total_steps` long (the optimizer state has the same structure)."""
+    optimizer, schedule, _ = create_optimizer(config, num_examples, total_steps=total_steps)
+    return make_train_step(model, optimizer, augment_view, temperature=config.temperature,
+                           learning_rate_fn=schedule, mesh=mesh)
+
   logging.info("pretraining ResNet-%d (width %g) on %s with %d device(s) in %d process(es): %s "
                "convolutions, %s batch norm", config.model.depth, config.model.width_multiplier,
                config.dataset, mesh.devices.size, jax.process_count(), model.conv_backend,
@@ -288,7 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       config, workdir, total_steps=total_steps, num_examples=num_examples, finish=finish,
       initialize=lambda: create_train_state(model, optimizer, seed=config.seed,
                                             image_size=config.image_size, mesh=mesh),
-      train_step=train_step,
+      train_step_for=train_step_for,
       make_batches=lambda start_step: input_pipeline.train_iterator_from_config(
           config, mesh=mesh, start_step=start_step),
       evaluators=make_evaluators(config, model, num_classes=info.num_classes, mesh=mesh))
