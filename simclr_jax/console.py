@@ -15,8 +15,8 @@ import sys
 import tempfile
 from typing import Any, Iterator, Mapping
 
-# TensorFlow/XLA C++ logs below WARNING (the oneDNN notice; the absl::InitializeLog line comes
-# with the first such message).
+# TensorFlow's C++ INFO lines after start-up (tf.data's, for one); the notices printed while it is
+# imported ignore it and are dropped by `native_notices_dropped`.
 _NATIVE_LOG_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "1"}
 # Lines the C++ libraries print at start-up that say nothing about the run.
 _NATIVE_NOTICES = ("All log messages before absl::InitializeLog()",
