@@ -41,8 +41,8 @@ def lbfgs_config(**overrides) -> ml_collections.ConfigDict:
   held-out 20% of train; `train_examples`/`eval_examples` limit the features (0 = all);
   `at_start` also scores the initial state of a new training run (the random-init baseline)."""
   return ml_collections.ConfigDict(dict(dict(
-      every_steps=0, at_start=False, train_examples=0, eval_examples=0, validation_fraction=0.2, l2_min=1e-6,
-      l2_max=1e5, l2_num=45, max_iterations=1000, tolerance=1e-5), **overrides))
+      every_steps=0, at_start=False, train_examples=0, eval_examples=0, validation_fraction=0.2,
+      l2_min=1e-6, l2_max=1e5, l2_num=45, max_iterations=1000, tolerance=1e-5), **overrides))
 
 
 def knn_config(**overrides) -> ml_collections.ConfigDict:
@@ -50,8 +50,8 @@ def knn_config(**overrides) -> ml_collections.ConfigDict:
   train images scored on the first `eval_examples` held-out ones (0 = all); `at_start` also
   scores the initial state of a new training run (the random-init baseline)."""
   return ml_collections.ConfigDict(dict(dict(
-      enabled=True, every_steps=0, at_start=False, train_examples=0, eval_examples=0, k=200, temperature=0.1),
-      **overrides))
+      enabled=True, every_steps=0, at_start=False, train_examples=0, eval_examples=0, k=200,
+      temperature=0.1), **overrides))
 
 
 def pretrain_config() -> ml_collections.ConfigDict:

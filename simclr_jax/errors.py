@@ -1,8 +1,9 @@
 """User errors: input the person running a job got wrong, told in one line instead of a crash.
 
 `simclr_jax.main` prints a `UserError` as `error: <message>` and exits with `EXIT_CODE` (2, as
-for a bad command line); any other exception is a bug and keeps its traceback. The types subclass the
-built-in ones they replace, so `except ValueError` / `except FileNotFoundError` still catch them.
+for a bad command line); any other exception is a bug and keeps its traceback. The types
+subclass the built-in ones they replace, so `except ValueError` / `except FileNotFoundError`
+still catch them.
 """
 
 EXIT_CODE = 2

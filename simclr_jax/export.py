@@ -72,8 +72,8 @@ def load_encoder(directory: str) -> EncoderExport:
     with ocp.StandardCheckpointer() as checkpointer:
       variables = checkpointer.restore(variables_path)
   except Exception as e:  # Orbax raises several types for truncated or foreign files.
-    raise errors.InvalidInput(f"the variables in {variables_path} cannot be read ({type(e).__name__}: {e})"
-                     ) from e
+    raise errors.InvalidInput(
+        f"the variables in {variables_path} cannot be read ({type(e).__name__}: {e})") from e
   to_numpy = lambda tree: jax.tree.map(np.asarray, tree)
   return EncoderExport(model_config=model_config, params=to_numpy(variables["params"]),
                        batch_stats=to_numpy(variables.get("batch_stats", {})),
@@ -83,8 +83,9 @@ def load_encoder(directory: str) -> EncoderExport:
 def resolve_export_dir(path: str) -> str:
   """An export directory, or the workdir of the run that wrote one into `export/`."""
   if not path:
-    raise errors.InvalidInput("no export given: set init_from to an encoder export directory (a pretraining "
-                     "workdir's export/, or a probe/fine-tune workdir)")
+    raise errors.InvalidInput(
+        "no export given: set init_from to an encoder export directory (a pretraining "
+        "workdir's export/, or a probe/fine-tune workdir)")
   nested = os.path.join(path, "export")
   if (not os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
       and os.path.isfile(os.path.join(nested, MODEL_CONFIG_FILE))):
@@ -94,7 +95,8 @@ def resolve_export_dir(path: str) -> str:
 
 def check_architecture(model_config: Mapping[str, Any], export_config: Mapping[str, Any],
                        export_dir: str) -> None:
-  """Raises ValueError listing every architecture field where the run config and export differ."""
+  """Raises errors.InvalidInput listing every architecture field where the run config and export
+  differ."""
   run = models.ModelConfig.from_mapping(model_config).architecture()
   exported = models.ModelConfig.from_mapping(export_config).architecture()
   differences = [f"{field}: config.model has {run[field]!r}, the export has {exported[field]!r}"
@@ -119,8 +121,9 @@ def _check_variables_fit(classifier: models.Classifier, variables: Mapping[str, 
       want = jax.tree.map(lambda x: x.shape, expected[collection][module])
       have = jax.tree.map(np.shape, variables[collection][module])
       if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
-        raise errors.InvalidInput(f"the {collection}/{module} arrays in {export_dir} do not fit the network "
-                         "described by its model.json (a corrupt or hand-edited export)")
+        raise errors.InvalidInput(
+            f"the {collection}/{module} arrays in {export_dir} do not fit the network "
+            "described by its model.json (a corrupt or hand-edited export)")
 
 
 def load_encoder_variables(init_from: str, model_config: Mapping[str, Any], *,
@@ -128,8 +131,8 @@ def load_encoder_variables(init_from: str, model_config: Mapping[str, Any], *,
                            ) -> tuple[EncoderExport, dict]:
   """The export at `init_from` and its variables {'params', 'batch_stats'} for a Classifier.
 
-  Raises errors.MissingInput (no export there), errors.InvalidInput (corrupt, or its architecture differs
-  from `model_config`, or it lacks the projection head the representation needs).
+  Raises errors.MissingInput (no export there), errors.InvalidInput (corrupt, or its architecture
+  differs from `model_config`, or it lacks the projection head the representation needs).
   """
   export_dir = resolve_export_dir(init_from)
   encoder_export = load_encoder(export_dir)
@@ -137,8 +140,9 @@ def load_encoder_variables(init_from: str, model_config: Mapping[str, Any], *,
   modules = _representation_modules(projection_layer)
   missing = [module for module in modules if module not in encoder_export.params]
   if missing:
-    raise errors.InvalidInput(f"the export {export_dir} has no {missing} parameters, needed for the "
-                     f"representation {models.representation_name(projection_layer)!r}")
+    raise errors.InvalidInput(
+        f"the export {export_dir} has no {missing} parameters, needed for the "
+        f"representation {models.representation_name(projection_layer)!r}")
   variables = {collection: {module: getattr(encoder_export, collection)[module]
                             for module in modules} for collection in ("params", "batch_stats")}
   classifier = models.Classifier(models.ModelConfig.from_mapping(model_config), num_classes=1,

@@ -36,6 +36,7 @@ from simclr_jax import checkpointing
 from simclr_jax import console
 from simclr_jax import errors
 from simclr_jax import sharding
+from simclr_jax import time_budget
 from simclr_jax import workdir_files
 
 # Exit status of a run stopped by SIGTERM (128 + SIGTERM), so schedulers see it did not finish.
@@ -44,12 +45,7 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 _WARN_ONLY_KEYS = ("data_shards", "total_steps")
 # Prefix of the evaluators' scores of the initial state, in run records and results.
 INITIAL_PREFIX = "initial_"
-# Run-record and results key of a schedule fitted to the time budget.
-FITTED_TOTAL_STEPS = "fitted_total_steps"
-# Steps timed after the compiling first one before the schedule is fitted (at a log point), and
-# the share of the measured rate counted on (later evaluations and a slower machine phase).
-FIT_AFTER_STEPS = 10
-FIT_RATE_SHARE = 0.95
+FITTED_TOTAL_STEPS = time_budget.FITTED_TOTAL_STEPS
 
 StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
 
@@ -114,32 +110,6 @@ class StopRequest:
   def __exit__(self, *exc_info):
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
-
-
-class TimeBudget:
-  """Wall-clock budget of one training invocation, counted from its creation (0 = none).
-
-  Several processes must stop at the same step: there, process 0's clock decides, read at the
-  log steps only (one small broadcast per log interval).
-  """
-
-  def __init__(self, minutes: float, *, check_every_steps: int):
-    self._seconds = 60.0 * minutes
-    self._check_every_steps = check_every_steps
-    self._start = time.monotonic()
-
-  def seconds_left(self) -> float:
-    return self._seconds - (time.monotonic() - self._start)
-
-  def spent(self, step: int) -> bool:
-    if self._seconds <= 0:
-      return False
-    if jax.process_count() == 1:
-      return time.monotonic() - self._start >= self._seconds
-    if step % self._check_every_steps:
-      return False
-    spent = np.bool_(time.monotonic() - self._start >= self._seconds)
-    return bool(multihost_utils.broadcast_one_to_all(spent))
 
 
 def check_finite(step_metrics: Sequence[tuple[int, Mapping[str, float]]],
@@ -264,9 +234,10 @@ def check_resumable(record: Mapping[str, Any], expected: Mapping[str, Any], work
       logging.warning("the checkpoint was written by a run of %s steps; continuing to %s steps "
                       "(the learning-rate schedule changes)", record[key], value)
     else:
-      raise errors.InvalidInput(f"{workdir} holds a run with {key}={record[key]!r} but the config says "
-                       f"{key}={value!r}; resuming would not continue the same run. Use a new "
-                       "--workdir or the original config")
+      raise errors.InvalidInput(
+          f"{workdir} holds a run with {key}={record[key]!r} but the config says "
+          f"{key}={value!r}; resuming would not continue the same run. Use a new "
+          "--workdir or the original config")
 
 
 def progress_reporter(total_steps: int, writer: metric_writers.MetricWriter,
@@ -291,17 +262,6 @@ def _restore(checkpointer: checkpointing.TrainCheckpointer, initialize: Callable
   if restored_record != latest:  # fell back to an older checkpoint
     check_resumable(restored_record, record, workdir)
   return state, restored_record
-
-
-def fitted_total_steps(step: int, *, steps_per_second: float, seconds_left: float,
-                       total_steps: int) -> int:
-  """The schedule length that ends inside the budget at the measured rate: at least one more
-  step, at most `total_steps`; process 0's value on every process."""
-  fitted = step + int(FIT_RATE_SHARE * steps_per_second * max(seconds_left, 0.0))
-  fitted = np.int64(min(max(fitted, step + 1), total_steps))
-  if jax.process_count() > 1:
-    fitted = multihost_utils.broadcast_one_to_all(fitted)
-  return int(fitted)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable[[], Any],
@@ -368,7 +328,8 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make
   record = dict(record, **initial, **({FITTED_TOTAL_STEPS: fitted} if fitted else {}))
   batches = make_batches(start_step)
   report_progress = progress_reporter(total_steps, writer, config.log_every_steps)
-  budget = TimeBudget(config.max_train_minutes, check_every_steps=config.log_every_steps)
+  budget = time_budget.TimeBudget(config.max_train_minutes,
+                                  check_every_steps=config.log_every_steps)
   last_saved = checkpointer.latest_step()
   try:
     with StopRequest() as stop_request:
@@ -382,11 +343,11 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make
         due = [e for e in evaluators if last or (e.every_steps and step % e.every_steps == 0)]
         if saving or due or step % config.log_every_steps == 0:
           log.flush(step, last_saved)  # before saving: a NaN state is never checkpointed
-          if fitting and not last and log.steps_timed(step) >= FIT_AFTER_STEPS:
+          if fitting and not last and log.steps_timed(step) >= time_budget.FIT_AFTER_STEPS:
             fitting = False
-            fitted = fitted_total_steps(step, steps_per_second=log.steps_per_second(step),
-                                        seconds_left=budget.seconds_left(),
-                                        total_steps=total_steps)
+            fitted = time_budget.fitted_total_steps(
+                step, steps_per_second=log.steps_per_second(step),
+                seconds_left=budget.seconds_left(), total_steps=total_steps)
             logging.info("schedule fitted to the %g-minute budget: %d steps instead of %d "
                          "(%.2f steps/s)", config.max_train_minutes, fitted, total_steps,
                          log.steps_per_second(step))

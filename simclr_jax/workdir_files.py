@@ -161,8 +161,9 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict, *,
   if finished_config != config_json(config):
     if continuable:
       return None
-    raise errors.InvalidInput(f"{workdir} holds a finished {config.mode} run of another config (see its "
-                     f"{CONFIG_FILE}); use a new --workdir")
+    raise errors.InvalidInput(
+        f"{workdir} holds a finished {config.mode} run of another config (see its "
+        f"{CONFIG_FILE}); use a new --workdir")
   logging.info("%s already holds this finished %s run; returning its results", workdir,
                config.mode)
   return results
