@@ -4,6 +4,7 @@ All of them come from optax; this module adds SimCLR's choices: which parameters
 and the LARS trust ratio, learning rates scaled with the global batch, linear warmup then cosine
 decay to 0, and freezing parameters (zero updates, no optimizer state).
 """
+import functools
 import math
 from typing import Any, Callable
 
@@ -165,10 +166,16 @@ def training_steps(config: Any, num_examples: int, *, total_steps: int | None = 
                           steps_from_epochs(config.num_epochs, num_examples, batch))
   warmup = steps_from_epochs(config.optimizer.warmup_epochs, num_examples, batch)
   if warmup >= total:
-    logging.warning("warmup of %d steps does not fit in %d training steps; warming up for %d",
-                    warmup, total, total // 10)
+    _warn_warmup_shortened(warmup, total)
     warmup = total // 10
   return total, warmup
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_warmup_shortened(warmup: int, total: int) -> None:
+  """Once per process and schedule: a job builds its optimizer more than once."""
+  logging.warning("warmup of %d steps does not fit in %d training steps; warming up for %d",
+                  warmup, total, total // 10)
 
 
 def optimizer_from_config(config: Any, num_examples: int, *, trainable_mask: Any = None,
