@@ -79,22 +79,51 @@ def _unknown_field_message(error: AttributeError, argv: list[str]) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a bad flag, override or recipe variant told in one line (exit 2)."""
+  """absl's parsing, with a bad flag, override or recipe variant told in one line (exit 2).
+
+  A recipe's own ValueError (an unknown variant) is the user's; any other exception a recipe
+  raises while it is built is a bug in it and keeps its traceback.
+  """
   try:
     return flags.FLAGS(argv)
-  except Exception as error:  # pylint: disable=broad-except  # everything here is the user's input
+  except OSError as error:  # the recipe file cannot be loaded, found by an override
+    if "--traceback" in argv:
+      raise
+    _exit_with_user_error(_config_load_message(error))
+  except (flags.Error, AttributeError) as error:
     if "--traceback" in argv:
       raise
     chain = [error]
     while chain[-1].__context__ is not None:
       chain.append(chain[-1].__context__)
     field_errors = [e for e in chain if isinstance(e, AttributeError)]
-    if field_errors:
+    if field_errors:  # a field the locked config does not have
       _exit_with_user_error(_unknown_field_message(field_errors[0], argv))
-    if "Error whilst parsing config file" in str(error):  # the recipe's own error, whose
-      _exit_with_user_error(str(chain[-1]))                # traceback config_flags copies in
-    _exit_with_user_error(str(error))
+    if "Error whilst parsing config file" not in str(error):  # a flag's own value
+      _exit_with_user_error(str(error))
+    if isinstance(chain[-1], ValueError):  # the recipe's error; config_flags copies its traceback
+      _exit_with_user_error(str(chain[-1]))
+    raise
   return []
+
+
+def _loaded_config():
+  """The config, or a user error when its file cannot be loaded (config_flags reports that at
+  the first access)."""
+  config = _CONFIG.value
+  try:
+    config.mode  # pylint: disable=pointless-statement
+  except OSError as error:
+    if _TRACEBACK.value:
+      raise
+    _exit_with_user_error(_config_load_message(error))
+  return config
+
+
+def _config_load_message(error: OSError) -> str:
+  path = next((arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--config=")), "")
+  reason = str(error).strip().splitlines()[-1].strip()
+  return f"cannot load --config={path}: {reason} (--list shows the recipes)"
 
 
 def main(argv):
@@ -107,6 +136,7 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     _exit_with_user_error("--config and --workdir are required, e.g. --config=configs/"
                           "quickstart.py --workdir=workdirs/quickstart (--list shows the recipes)")
+  config = _loaded_config()
   verbose = flags.FLAGS["verbosity"].present
   if not verbose:
     console.quiet_native_libraries()  # before TensorFlow and JAX are imported
@@ -121,7 +151,6 @@ def main(argv):
   handler.addFilter(_DropLibraryChatter())
   if not verbose:
     console.quiet_python_logging(handler)
-  config = _CONFIG.value
   try:
     if config.mode not in jobs.JOBS:
       raise errors.InvalidInput(f"unknown config.mode {config.mode!r}; allowed: "

@@ -125,6 +125,8 @@ BAD_INPUTS = {
                        "'depth'?"),
     "wrong type": (["--config=configs/smoke_pretrain.py", "--config.temperature=warm"],
                    "flag --config.temperature=warm: could not convert string to float"),
+    "recipe file": (["--config=configs/cifar10_pretrian.py"],
+                    "cannot load --config=configs/cifar10_pretrian.py: [Errno 2] No such file"),
     "recipe variant": (["--config=configs/cifar10_pretrain.py:r19"],
                        "unknown config variant 'r19'; allowed: cpu, r18, r50, smoke"),
     "mode": (["--config=configs/smoke_pretrain.py", "--config.mode=pretrian"],
