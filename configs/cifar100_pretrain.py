@@ -12,11 +12,9 @@ from configs import cifar10_pretrain
 from configs import common
 
 
+VARIANTS = cifar10_pretrain.cifar_variants("cifar100")
+DEFAULT_VARIANT = cifar10_pretrain.DEFAULT_VARIANT
+
+
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  recipe = lambda: cifar10_pretrain.cifar_recipe("cifar100")
-  return common.select_variant(variant, {
-      "r18": recipe,
-      "r50": lambda: cifar10_pretrain.resnet50(recipe()),
-      "cpu": lambda: cifar10_pretrain.cpu(recipe()),
-      "smoke": lambda: common.shrink_to_smoke(recipe()),
-  }, default="r18")
+  return common.select_variant(variant, VARIANTS, default=DEFAULT_VARIANT)

@@ -83,12 +83,27 @@ def smoke(from_scratch: bool) -> ml_collections.ConfigDict:
       finetune_config(0.1, from_scratch=from_scratch), num_train_steps=60)
 
 
-def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  variants = {"cpu": cpu, "cpu_supervised": cpu_supervised, "smoke": lambda: smoke(False),
-              "smoke_scratch": lambda: smoke(True)}
+def _label_fraction_variants() -> common.Variants:
+  variants = {}
   for name, (fraction, epochs, batch) in LABEL_FRACTIONS.items():
-    for suffix, from_scratch in (("", False), ("_scratch", True)):
+    for suffix, from_scratch, origin in (("", False, "an export (init_from)"),
+                                         ("_scratch", True, "random init")):
       variants[name + suffix] = (
           lambda f=fraction, e=epochs, b=batch, s=from_scratch:
-          finetune_config(f, num_epochs=e, global_batch_size=b, from_scratch=s))
-  return common.select_variant(variant, variants, default="100pct")
+          finetune_config(f, num_epochs=e, global_batch_size=b, from_scratch=s),
+          f"{fraction:.0%} of the labels, {epochs:g} epochs, from {origin}")
+  return variants
+
+
+VARIANTS = {
+    **_label_fraction_variants(),
+    "cpu": (cpu, "cifar10_pretrain.py:cpu's encoder on 10% of the labels"),
+    "cpu_supervised": (cpu_supervised, "that network from scratch on all labels, 25 minutes"),
+    "smoke": (lambda: smoke(False), "tiny, on synthetic_shapes, from an export"),
+    "smoke_scratch": (lambda: smoke(True), "tiny, on synthetic_shapes, from random init"),
+}
+DEFAULT_VARIANT = "100pct"
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  return common.select_variant(variant, VARIANTS, default=DEFAULT_VARIANT)

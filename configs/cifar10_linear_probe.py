@@ -50,10 +50,18 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+VARIANTS = {
+    "r18": (lambda: probe_config("sgd"), "the official linear eval: SGD on crop + flip, 100 "
+            "epochs"),
+    "r18_lbfgs": (lambda: probe_config("lbfgs"), "the transfer protocol: L-BFGS on frozen "
+                  "features"),
+    "cpu": (lambda: cpu(probe_config("lbfgs")), "L-BFGS probe of cifar10_pretrain.py:cpu's "
+            "encoder"),
+    "smoke": (lambda: smoke(probe_config("sgd")), "tiny, on synthetic_shapes (probes the "
+              "quickstart and smoke exports)"),
+}
+DEFAULT_VARIANT = "r18"
+
+
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return common.select_variant(variant, {
-      "r18": lambda: probe_config("sgd"),
-      "r18_lbfgs": lambda: probe_config("lbfgs"),
-      "cpu": lambda: cpu(probe_config("lbfgs")),
-      "smoke": lambda: smoke(probe_config("sgd")),
-  }, default="r18")
+  return common.select_variant(variant, VARIANTS, default=DEFAULT_VARIANT)

@@ -1,14 +1,20 @@
 """Defaults shared by the recipes, and the `smoke` shrink every recipe offers.
 
 A recipe starts from `pretrain_config()` or `evaluation_config()`, sets what its paper/official
-command sets, and passes its variant name through `select_variant`, so
-`--config=configs/<recipe>.py:<variant>` fails with the list of variants when a name is misspelt.
+command sets, lists its variants as `VARIANTS` (name -> (builder, one-line description)) and
+passes the variant name through `select_variant`, so `--config=configs/<recipe>.py:<variant>`
+fails with the list of variants when a name is misspelt, and `simclr_jax.main --list` shows them.
 Recipes are data: they import nothing from simclr_jax, and name augmentation presets by string.
 """
+import importlib
+import os
+import pkgutil
 from typing import Callable, Mapping
 
 import ml_collections
 
+# The README's first command, listed first by `recipe_catalogue`.
+FIRST_RECIPE = "quickstart"
 # The package's generated dataset: no download, prepared into data_dir on first use.
 SMOKE_DATASET = "synthetic_shapes"
 
@@ -32,18 +38,20 @@ def augment_config(preset: str, **overrides: Mapping) -> ml_collections.ConfigDi
 
 def lbfgs_config(**overrides) -> ml_collections.ConfigDict:
   """The paper's transfer protocol: L2 from 45 log-spaced strengths in [1e-6, 1e5], chosen on a
-  held-out 20% of train; `train_examples`/`eval_examples` limit the features (0 = all)."""
+  held-out 20% of train; `train_examples`/`eval_examples` limit the features (0 = all);
+  `at_start` also scores the initial state of a new training run (the random-init baseline)."""
   return ml_collections.ConfigDict(dict(dict(
-      every_steps=0, train_examples=0, eval_examples=0, validation_fraction=0.2, l2_min=1e-6,
-      l2_max=1e5, l2_num=45, max_iterations=1000, tolerance=1e-5), **overrides))
+      every_steps=0, at_start=False, train_examples=0, eval_examples=0, validation_fraction=0.2,
+      l2_min=1e-6, l2_max=1e5, l2_num=45, max_iterations=1000, tolerance=1e-5), **overrides))
 
 
 def knn_config(**overrides) -> ml_collections.ConfigDict:
   """Weighted k-NN on h (k=200, T=0.1, cosine): a memory bank of the first `train_examples`
-  train images scored on the first `eval_examples` held-out ones (0 = all)."""
+  train images scored on the first `eval_examples` held-out ones (0 = all); `at_start` also
+  scores the initial state of a new training run (the random-init baseline)."""
   return ml_collections.ConfigDict(dict(dict(
-      enabled=True, every_steps=0, train_examples=0, eval_examples=0, k=200, temperature=0.1),
-      **overrides))
+      enabled=True, every_steps=0, at_start=False, train_examples=0, eval_examples=0, k=200,
+      temperature=0.1), **overrides))
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -79,6 +87,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # Wall-clock budget of one invocation (0 = none): training stops after the step that reaches
   # it, checkpoints, exports and evaluates as at the end; rerunning the workdir continues.
   config.max_train_minutes = 0.0
+  # With a budget: after the first timed steps, shorten the schedule to what the measured rate
+  # fits in it, so the learning rate decays to 0 inside the budget on any machine.
+  config.schedule_fits_budget = False
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
@@ -107,13 +118,40 @@ def shrink_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return config
 
 
-def select_variant(variant: str | None, variants: Mapping[str, Callable[[], object]],
+# A recipe's variants: name -> (builder, one-line description), as each recipe's VARIANTS.
+Variants = Mapping[str, tuple[Callable[[], ml_collections.ConfigDict], str]]
+
+
+def describe_variants(variants: Variants, default: str) -> str:
+  """One indented line per variant: its name and description; the default marked."""
+  width = max(len(name) for name in variants)
+  return "\n".join(f"  {name:<{width}}  {description}" + (" (default)" if name == default else "")
+                   for name, (_, description) in variants.items())
+
+
+def select_variant(variant: str | None, variants: Variants,
                    default: str) -> ml_collections.ConfigDict:
-  """Calls the builder named `variant` (or `default`), or fails naming the allowed ones."""
+  """Calls the builder named `variant` (or `default`), or fails listing the allowed ones."""
   name = variant or default
   if name not in variants:
-    raise ValueError(f"unknown config variant {name!r}; allowed: {', '.join(sorted(variants))}")
-  return variants[name]()
+    raise ValueError(f"unknown config variant {name!r}; allowed: {', '.join(sorted(variants))}\n"
+                     + describe_variants(variants, default))
+  return variants[name][0]()
+
+
+def recipe_catalogue() -> str:
+  """`simclr_jax.main --list`: each recipe of this folder, its docstring's first line and its
+  variants (`VARIANTS`, or the argument it takes: `ARGUMENT_HELP`)."""
+  lines = []
+  recipes = pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))])
+  for recipe in sorted(recipes, key=lambda recipe: (recipe.name != FIRST_RECIPE, recipe.name)):
+    if recipe.name == "common":
+      continue
+    module = importlib.import_module(f"configs.{recipe.name}")
+    lines.append(f"configs/{recipe.name}.py: {(module.__doc__ or '').strip().splitlines()[0]}")
+    lines.append(describe_variants(module.VARIANTS, module.DEFAULT_VARIANT)
+                 if hasattr(module, "VARIANTS") else f"  {module.ARGUMENT_HELP}")
+  return "\n".join(lines)
 
 
 def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size: int,
@@ -155,6 +193,7 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   # Wall-clock budget of one invocation (0 = none), as in pretraining: training stops after the
   # step that reaches it, checkpoints, evaluates and exports; rerunning the workdir continues.
   config.max_train_minutes = 0.0
+  config.schedule_fits_budget = False  # as in pretraining: fit the schedule to the budget
   config.log_every_steps = log_every_steps
   config.eval_every_steps = eval_every_steps  # test top-1 during training (0 = only at the end)
   config.checkpoint_every_steps = eval_every_steps

@@ -52,9 +52,13 @@ def smoke() -> ml_collections.ConfigDict:
   return config
 
 
+VARIANTS = {
+    "r50_100ep": (lambda: imagenet_recipe(100.0), "the paper's ResNet-50, B=4096, 100 epochs"),
+    "r50_1000ep": (lambda: imagenet_recipe(1000.0), "the same for 1000 epochs"),
+    "smoke": (smoke, "tiny, 60 steps on the generated synthetic_shapes"),
+}
+DEFAULT_VARIANT = "r50_100ep"
+
+
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return common.select_variant(variant, {
-      "r50_100ep": lambda: imagenet_recipe(100.0),
-      "r50_1000ep": lambda: imagenet_recipe(1000.0),
-      "smoke": smoke,
-  }, default="r50_100ep")
+  return common.select_variant(variant, VARIANTS, default=DEFAULT_VARIANT)

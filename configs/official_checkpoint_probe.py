@@ -80,6 +80,10 @@ def probe(checkpoint: str, dataset: str, protocol: str = "lbfgs") -> ml_collecti
   return config
 
 
+ARGUMENT_HELP = ("CHECKPOINT,DATASET[,PROTOCOL], e.g. simclrv1_r50_1x,tf_flowers (see the file "
+                 "for the checkpoints and datasets)")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parts = (arg or "").split(",")
   if len(parts) not in (2, 3):

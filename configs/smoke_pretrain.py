@@ -1,4 +1,4 @@
-r"""The first run on a new machine: the CIFAR recipe, tiny, on the package's generated dataset.
+r"""The CIFAR recipe, tiny (60 steps), on the package's generated dataset: what the tests run.
 
   python -m simclr_jax.main --config=configs/smoke_pretrain.py --workdir=/tmp/simclr_smoke
 
@@ -15,9 +15,13 @@ from configs import common
 from configs import imagenet_pretrain
 
 
+VARIANTS = {
+    "cifar10": (lambda: cifar10_pretrain.get_config("smoke"), "cifar10_pretrain.py:smoke"),
+    "cifar100": (lambda: cifar100_pretrain.get_config("smoke"), "cifar100_pretrain.py:smoke"),
+    "imagenet": (lambda: imagenet_pretrain.get_config("smoke"), "imagenet_pretrain.py:smoke"),
+}
+DEFAULT_VARIANT = "cifar10"
+
+
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return common.select_variant(variant, {
-      "cifar10": lambda: cifar10_pretrain.get_config("smoke"),
-      "cifar100": lambda: cifar100_pretrain.get_config("smoke"),
-      "imagenet": lambda: imagenet_pretrain.get_config("smoke"),
-  }, default="cifar10")
+  return common.select_variant(variant, VARIANTS, default=DEFAULT_VARIANT)

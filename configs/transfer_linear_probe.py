@@ -60,7 +60,13 @@ def smoke() -> ml_collections.ConfigDict:
   return cifar10_linear_probe.smoke(cifar10_linear_probe.probe_config("lbfgs"))
 
 
+VARIANTS = {
+    **{name: (lambda name=name: transfer_config(name), f"L-BFGS probe on {name} "
+              f"({DATASETS[name][0]} / {DATASETS[name][1]})") for name in DATASETS},
+    "smoke": (smoke, "tiny, on synthetic_shapes"),
+}
+DEFAULT_VARIANT = "cifar100"
+
+
 def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
-  variants = {name: (lambda name=name: transfer_config(name)) for name in DATASETS}
-  variants["smoke"] = smoke
-  return common.select_variant(dataset, variants, default="cifar100")
+  return common.select_variant(dataset, VARIANTS, default=DEFAULT_VARIANT)

@@ -1,14 +1,18 @@
 """Config validation, one function per concern, composed by each job before anything compiles.
 
-Every failure is a `ConfigError` naming the field, its value and what is allowed.
+Every failure is a `ConfigError` naming the field, its value and what is allowed; what the
+modules that read a value (models, augmentations, backends, the input pipeline) raise about it
+while it is checked here becomes a user error too (`simclr_jax.errors`).
 """
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 from absl import logging
 import jax
 import ml_collections
 
 from simclr_jax import augment
+from simclr_jax import errors
 from simclr_jax import input_pipeline
 from simclr_jax import models
 from simclr_jax import native
@@ -17,8 +21,29 @@ from simclr_jax import optim
 BACKEND_FIELDS = ("conv_backend", "norm_backend", "augment_backend")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.InvalidInput):
   """A config value that cannot run; the message says which and what is allowed."""
+
+
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+  """Re-raises the ValueError / FileNotFoundError of checking or opening the user's input as a
+  user error with the same message (the modules that raise them are shared with library use)."""
+  try:
+    yield
+  except errors.UserError:
+    raise
+  except FileNotFoundError as e:
+    raise errors.MissingInput(str(e)) from e
+  except ValueError as e:
+    raise errors.InvalidInput(str(e)) from e
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
+  """`config.dataset` in `config.data_dir` (prepared on first use if generated), or a user error
+  naming what is missing."""
+  with user_input():
+    return input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
 
 
 def require(condition: bool, message: str) -> None:
@@ -43,12 +68,13 @@ def check_splits(config: ml_collections.ConfigDict, info: input_pipeline.Dataset
 def check_model_and_compute(config: ml_collections.ConfigDict) -> None:
   """config.model, dtype, image size and the three backends (resolved here, so a native backend
   that cannot run fails now)."""
-  models.ModelConfig.from_mapping(config.model)
+  with user_input():
+    models.ModelConfig.from_mapping(config.model)
+    for field in BACKEND_FIELDS:
+      native.resolve_backend(field, config[field])
   require(config.dtype in models.COMPUTE_DTYPES,
           f"dtype={config.dtype!r}; allowed: {', '.join(models.COMPUTE_DTYPES)}")
   require(config.image_size > 0, f"image_size={config.image_size} must be positive")
-  for field in BACKEND_FIELDS:
-    native.resolve_backend(field, config[field])
   if config.image_size <= 32 and not config.model.cifar_stem:
     logging.warning("image_size=%d without model.cifar_stem: the ImageNet stem downsamples a "
                     "32 px image 4x before the first block (SimCLR uses the CIFAR stem here)",
@@ -57,7 +83,8 @@ def check_model_and_compute(config: ml_collections.ConfigDict) -> None:
 
 def check_augmentations(config: ml_collections.ConfigDict, *, host_crop_views: tuple[int, ...]
                         ) -> None:
-  augment.validate(config.augment)
+  with user_input():
+    augment.validate(config.augment)
   require(config.host_crop_views in host_crop_views,
           f"host_crop_views={config.host_crop_views}; allowed: {host_crop_views} (0: the device "
           "crops, for fixed-size images; otherwise the host crops, needed when sizes vary)")
@@ -94,6 +121,8 @@ def check_training(config: ml_collections.ConfigDict) -> None:
           f"optimizer.warmup_epochs={optimizer.warmup_epochs} must be >= 0")
   require(config.max_train_minutes >= 0,
           f"max_train_minutes={config.max_train_minutes} must be >= 0 (0 = no budget)")
+  require(not config.schedule_fits_budget or config.max_train_minutes > 0,
+          "schedule_fits_budget=True needs a time budget: set max_train_minutes > 0")
   for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
 

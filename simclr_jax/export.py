@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from simclr_jax import errors
 from simclr_jax import models
 
 MODEL_CONFIG_FILE = "model.json"
@@ -58,7 +59,7 @@ def load_encoder(directory: str) -> EncoderExport:
   config_path = os.path.join(directory, MODEL_CONFIG_FILE)
   variables_path = os.path.join(directory, VARIABLES_DIR)
   if not os.path.isfile(config_path) or not os.path.isdir(variables_path):
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"{directory} is not an encoder export: expected {MODEL_CONFIG_FILE} and {VARIABLES_DIR}/ "
         "(written by pretraining at the end of the run, or by the TF1 checkpoint converter)")
   try:
@@ -66,13 +67,13 @@ def load_encoder(directory: str) -> EncoderExport:
       description = json.load(f)
     model_config = ml_collections.ConfigDict(description["model"])
   except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"{config_path} is corrupt: {e}") from e
+    raise errors.InvalidInput(f"{config_path} is corrupt: {e}") from e
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       variables = checkpointer.restore(variables_path)
   except Exception as e:  # Orbax raises several types for truncated or foreign files.
-    raise ValueError(f"the variables in {variables_path} cannot be read ({type(e).__name__}: {e})"
-                     ) from e
+    raise errors.InvalidInput(
+        f"the variables in {variables_path} cannot be read ({type(e).__name__}: {e})") from e
   to_numpy = lambda tree: jax.tree.map(np.asarray, tree)
   return EncoderExport(model_config=model_config, params=to_numpy(variables["params"]),
                        batch_stats=to_numpy(variables.get("batch_stats", {})),
@@ -82,8 +83,9 @@ def load_encoder(directory: str) -> EncoderExport:
 def resolve_export_dir(path: str) -> str:
   """An export directory, or the workdir of the run that wrote one into `export/`."""
   if not path:
-    raise ValueError("no export given: set init_from to an encoder export directory (a pretraining "
-                     "workdir's export/, or a probe/fine-tune workdir)")
+    raise errors.InvalidInput(
+        "no export given: set init_from to an encoder export directory (a pretraining "
+        "workdir's export/, or a probe/fine-tune workdir)")
   nested = os.path.join(path, "export")
   if (not os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
       and os.path.isfile(os.path.join(nested, MODEL_CONFIG_FILE))):
@@ -93,13 +95,14 @@ def resolve_export_dir(path: str) -> str:
 
 def check_architecture(model_config: Mapping[str, Any], export_config: Mapping[str, Any],
                        export_dir: str) -> None:
-  """Raises ValueError listing every architecture field where the run config and export differ."""
+  """Raises errors.InvalidInput listing every architecture field where the run config and export
+  differ."""
   run = models.ModelConfig.from_mapping(model_config).architecture()
   exported = models.ModelConfig.from_mapping(export_config).architecture()
   differences = [f"{field}: config.model has {run[field]!r}, the export has {exported[field]!r}"
                  for field in run if run[field] != exported[field]]
   if differences:
-    raise ValueError(f"the encoder export {export_dir} does not match config.model ("
+    raise errors.InvalidInput(f"the encoder export {export_dir} does not match config.model ("
                      + "; ".join(differences) + "); set config.model to the export's values")
 
 
@@ -118,8 +121,9 @@ def _check_variables_fit(classifier: models.Classifier, variables: Mapping[str, 
       want = jax.tree.map(lambda x: x.shape, expected[collection][module])
       have = jax.tree.map(np.shape, variables[collection][module])
       if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
-        raise ValueError(f"the {collection}/{module} arrays in {export_dir} do not fit the network "
-                         "described by its model.json (a corrupt or hand-edited export)")
+        raise errors.InvalidInput(
+            f"the {collection}/{module} arrays in {export_dir} do not fit the network "
+            "described by its model.json (a corrupt or hand-edited export)")
 
 
 def load_encoder_variables(init_from: str, model_config: Mapping[str, Any], *,
@@ -127,8 +131,8 @@ def load_encoder_variables(init_from: str, model_config: Mapping[str, Any], *,
                            ) -> tuple[EncoderExport, dict]:
   """The export at `init_from` and its variables {'params', 'batch_stats'} for a Classifier.
 
-  Raises FileNotFoundError (no export there), ValueError (corrupt, or its architecture differs
-  from `model_config`, or it lacks the projection head the representation needs).
+  Raises errors.MissingInput (no export there), errors.InvalidInput (corrupt, or its architecture
+  differs from `model_config`, or it lacks the projection head the representation needs).
   """
   export_dir = resolve_export_dir(init_from)
   encoder_export = load_encoder(export_dir)
@@ -136,8 +140,9 @@ def load_encoder_variables(init_from: str, model_config: Mapping[str, Any], *,
   modules = _representation_modules(projection_layer)
   missing = [module for module in modules if module not in encoder_export.params]
   if missing:
-    raise ValueError(f"the export {export_dir} has no {missing} parameters, needed for the "
-                     f"representation {models.representation_name(projection_layer)!r}")
+    raise errors.InvalidInput(
+        f"the export {export_dir} has no {missing} parameters, needed for the "
+        f"representation {models.representation_name(projection_layer)!r}")
   variables = {collection: {module: getattr(encoder_export, collection)[module]
                             for module in modules} for collection in ("params", "batch_stats")}
   classifier = models.Classifier(models.ModelConfig.from_mapping(model_config), num_classes=1,
@@ -157,7 +162,7 @@ def load_classifier_export(path: str, *, projection_layer: int | None = None
   export_dir = resolve_export_dir(path)
   encoder_export = load_encoder(export_dir)
   if models.SUPERVISED_HEAD not in encoder_export.params:
-    raise ValueError(
+    raise errors.InvalidInput(
         f"the export {export_dir} has no classifier head ('{models.SUPERVISED_HEAD}'): give the "
         "workdir of a linear probe or fine-tune (or its export/), or a converted checkpoint with "
         "its supervised head")

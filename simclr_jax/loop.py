@@ -7,8 +7,15 @@ step and its input; the loop does the rest the same way for all of them:
   it is written and before any checkpoint could hold the state (the last good one is kept);
 - SIGTERM (preemption): checkpoint the current step, then raise `Preempted` (exit 143);
 - a wall-clock budget that ends training after the step reaching it, checkpointed like the end;
+  with `config.schedule_fits_budget`, the learning-rate schedule is fitted to it instead: after
+  the first timed steps, total_steps becomes what the measured rate fits in the budget (never
+  more than the config's), the job's step is rebuilt for it (one more compile), and the run
+  record keeps the fitted length, so a resume continues the same schedule;
 - periodic evaluators (`simclr_jax.evaluators`), whose time is not counted as training time;
-- progress (steps/s, ETA) and checkpoints every `checkpoint_every_steps`.
+  those with `at_start` also score the initial state of a new run, kept as `initial_<metric>`
+  in the checkpoints' run record and the results (the random-init baseline survives a resume);
+- a console line per log interval (`simclr_jax.console`), checkpoints every
+  `checkpoint_every_steps`.
 """
 import os
 import signal
@@ -26,13 +33,19 @@ import numpy as np
 import optax
 
 from simclr_jax import checkpointing
+from simclr_jax import console
+from simclr_jax import errors
 from simclr_jax import sharding
+from simclr_jax import time_budget
 from simclr_jax import workdir_files
 
 # Exit status of a run stopped by SIGTERM (128 + SIGTERM), so schedulers see it did not finish.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 # Run-record keys where a mismatch changes the run's input order but not its validity.
 _WARN_ONLY_KEYS = ("data_shards", "total_steps")
+# Prefix of the evaluators' scores of the initial state, in run records and results.
+INITIAL_PREFIX = "initial_"
+FITTED_TOTAL_STEPS = time_budget.FITTED_TOTAL_STEPS
 
 StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
 
@@ -99,29 +112,6 @@ class StopRequest:
       signal.signal(signal.SIGTERM, self._previous_handler)
 
 
-class TimeBudget:
-  """Wall-clock budget of one training invocation, counted from its creation (0 = none).
-
-  Several processes must stop at the same step: there, process 0's clock decides, read at the
-  log steps only (one small broadcast per log interval).
-  """
-
-  def __init__(self, minutes: float, *, check_every_steps: int):
-    self._seconds = 60.0 * minutes
-    self._check_every_steps = check_every_steps
-    self._start = time.monotonic()
-
-  def spent(self, step: int) -> bool:
-    if self._seconds <= 0:
-      return False
-    if jax.process_count() == 1:
-      return time.monotonic() - self._start >= self._seconds
-    if step % self._check_every_steps:
-      return False
-    spent = np.bool_(time.monotonic() - self._start >= self._seconds)
-    return bool(multihost_utils.broadcast_one_to_all(spent))
-
-
 def check_finite(step_metrics: Sequence[tuple[int, Mapping[str, float]]],
                  last_saved_step: int | None) -> None:
   """Raises FloatingPointError naming the first step and metric that is NaN or Inf."""
@@ -142,9 +132,12 @@ class MetricLog:
   from the end of the first (compiling) step, without the time spent in evaluators.
   """
 
-  def __init__(self, writer: metric_writers.MetricWriter, global_batch_size: int):
+  def __init__(self, writer: metric_writers.MetricWriter, global_batch_size: int, *,
+               total_steps: int, unit: str):
     self._writer = writer
     self._batch_size = global_batch_size
+    self.total_steps = total_steps
+    self._unit = unit
     self._pending: list[tuple[int, Any]] = []
     self._clock_start = self._interval_start = None
     self._first_step = self._interval_step = None
@@ -171,18 +164,33 @@ class MetricLog:
     if step > self._interval_step:
       self.summary["examples_per_sec"] = ((step - self._interval_step) * self._batch_size /
                                           (now - self._interval_start))
+    examples_per_sec = self.summary.get("examples_per_sec") if step > self._interval_step else None
     self._interval_start, self._interval_step = now, step
     self._writer.write_scalars(step, {name: self.summary[name]
                                       for name in [*fetched[0][1], "examples_per_sec"]
                                       if name in self.summary})
+    if jax.process_index() == 0:
+      logging.info("%s", console.interval_line(
+          step, self.total_steps, self.summary, examples_per_sec=examples_per_sec,
+          batch_size=self._batch_size, unit=self._unit))
 
   def write_evaluation(self, step: int, metrics: Mapping[str, float], seconds: float) -> None:
     """An evaluator's metrics; its `seconds` do not count as training time."""
     self.summary.update(metrics)
     self._writer.write_scalars(step, metrics)
-    self._excluded_seconds += seconds
-    if self._interval_start is not None:
+    if jax.process_index() == 0:
+      logging.info("%s", console.evaluation_line(step, metrics, seconds))
+    if self._clock_start is not None:  # an evaluation before the first step is not in the clock
+      self._excluded_seconds += seconds
       self._interval_start += seconds
+
+  def steps_timed(self, step: int) -> int:
+    return 0 if self._first_step is None else step - self._first_step
+
+  def steps_per_second(self, step: int) -> float:
+    """Training steps/s from the end of the first step to `step` (evaluations excluded)."""
+    seconds = time.monotonic() - self._clock_start - self._excluded_seconds
+    return self.steps_timed(step) / seconds
 
   def throughput(self, last_step: int) -> tuple[float, float]:
     """(training seconds, examples/s) from the end of the first step to `last_step`."""
@@ -216,6 +224,8 @@ def check_resumable(record: Mapping[str, Any], expected: Mapping[str, Any], work
   for key, value in expected.items():
     if key == "step" or key not in record or record[key] == value:
       continue
+    if key == "total_steps" and FITTED_TOTAL_STEPS in record:
+      continue  # the run's schedule was fitted to its time budget; it keeps that length
     if key == "data_shards":
       logging.warning("the checkpoint was written with data_shards=%s, this run uses %s: training "
                       "continues, but on a different (equally valid) order of batches than an "
@@ -224,9 +234,10 @@ def check_resumable(record: Mapping[str, Any], expected: Mapping[str, Any], work
       logging.warning("the checkpoint was written by a run of %s steps; continuing to %s steps "
                       "(the learning-rate schedule changes)", record[key], value)
     else:
-      raise ValueError(f"{workdir} holds a run with {key}={record[key]!r} but the config says "
-                       f"{key}={value!r}; resuming would not continue the same run. Use a new "
-                       "--workdir or the original config")
+      raise errors.InvalidInput(
+          f"{workdir} holds a run with {key}={record[key]!r} but the config says "
+          f"{key}={value!r}; resuming would not continue the same run. Use a new "
+          "--workdir or the original config")
 
 
 def progress_reporter(total_steps: int, writer: metric_writers.MetricWriter,
@@ -239,21 +250,23 @@ def progress_reporter(total_steps: int, writer: metric_writers.MetricWriter,
 
 
 def _restore(checkpointer: checkpointing.TrainCheckpointer, initialize: Callable[[], Any],
-             record: Mapping[str, Any], latest: Mapping[str, Any] | None, workdir: str) -> Any:
-  """The newest good checkpoint of this run, or a fresh state; `latest` (the newest record) was
-  checked against `record` already."""
+             record: Mapping[str, Any], latest: Mapping[str, Any] | None, workdir: str
+             ) -> tuple[Any, Mapping[str, Any]]:
+  """(the newest good checkpoint of this run, its run record), or (a fresh state, {}); `latest`
+  (the newest record) was checked against `record` already."""
   state = initialize()
   restored = checkpointer.restore_latest(state)
   if restored is None:
-    return state
+    return state, {}
   state, restored_record = restored
   if restored_record != latest:  # fell back to an older checkpoint
     check_resumable(restored_record, record, workdir)
-  return state
+  return state, restored_record
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable[[], Any],
-        train_step: StepFn, make_batches: Callable[[int], Iterator], total_steps: int,
+        train_step_for: Callable[[int], StepFn], make_batches: Callable[[int], Iterator],
+        total_steps: int,
         num_examples: int, finish: Callable[[Any, dict[str, Any]], dict[str, Any]],
         evaluators: Sequence[Any] = (), identity: Mapping[str, Any] | None = None
         ) -> dict[str, Any]:
@@ -261,6 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
   then `finish(state, summary)` exports and draws what the job leaves and returns its results,
   which go to TensorBoard (as final_<name>) and, last, to results.json.
 
+  `train_step_for(total_steps)` builds the job's step for a schedule of that length;
   `make_batches(start_step)` returns the input iterator positioned at `start_step`;
   `evaluators` run every `evaluator.every_steps` (0: only at the end) and at the last step;
   `identity` is what this job's checkpoints must also agree on (`run_record`). The summary holds
@@ -276,10 +290,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
     workdir_files.write_config(workdir, config)
     writer = workdir_files.create_metric_writer(workdir)
     try:
-      state, summary = _train(config, workdir, checkpointer, writer, _restore(
-          checkpointer, initialize, record, latest, workdir), train_step=train_step,
-                              make_batches=make_batches, total_steps=total_steps,
-                              num_examples=num_examples, evaluators=evaluators, record=record)
+      state, restored_record = _restore(checkpointer, initialize, record, latest, workdir)
+      state, summary = _train(config, workdir, checkpointer, writer, state,
+                              train_step_for=train_step_for, make_batches=make_batches,
+                              total_steps=total_steps, num_examples=num_examples,
+                              evaluators=evaluators, record=record,
+                              restored_record=restored_record)
       results = finish(state, summary)
       workdir_files.write_final_scalars(writer, summary["step"], results)
     finally:
@@ -291,16 +307,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, initialize: Callable
   return results
 
 
-def _train(config, workdir, checkpointer, writer, state, *, train_step, make_batches, total_steps,
-           num_examples, evaluators, record) -> tuple[Any, dict[str, Any]]:
+def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make_batches,
+           total_steps, num_examples, evaluators, record, restored_record
+           ) -> tuple[Any, dict[str, Any]]:
   """The step loop of `run`: (final state, summary)."""
   step = start_step = int(sharding.to_host(state.step))
+  fitted = restored_record.get(FITTED_TOTAL_STEPS)
+  fitting = fitted is None and config.get("schedule_fits_budget") and config.max_train_minutes > 0
+  total_steps = fitted or total_steps
+  train_step = train_step_for(total_steps)
   logging.info("%s on %s: %d steps of %d images, starting at step %d", config.mode,
                config.dataset, total_steps, config.global_batch_size, start_step)
+  log = MetricLog(writer, config.global_batch_size, total_steps=total_steps,
+                  unit="pairs/s" if config.mode == "pretrain" else "images/s")
+  initial = {name: value for name, value in restored_record.items()
+             if name.startswith(INITIAL_PREFIX)}
+  if start_step == 0:
+    initial = {INITIAL_PREFIX + name: value for name, value in _evaluate(
+        [e for e in evaluators if e.at_start], state, 0, log).items()}
+  record = dict(record, **initial, **({FITTED_TOTAL_STEPS: fitted} if fitted else {}))
   batches = make_batches(start_step)
-  log = MetricLog(writer, config.global_batch_size)
   report_progress = progress_reporter(total_steps, writer, config.log_every_steps)
-  budget = TimeBudget(config.max_train_minutes, check_every_steps=config.log_every_steps)
+  budget = time_budget.TimeBudget(config.max_train_minutes,
+                                  check_every_steps=config.log_every_steps)
   last_saved = checkpointer.latest_step()
   try:
     with StopRequest() as stop_request:
@@ -314,6 +343,18 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
         due = [e for e in evaluators if last or (e.every_steps and step % e.every_steps == 0)]
         if saving or due or step % config.log_every_steps == 0:
           log.flush(step, last_saved)  # before saving: a NaN state is never checkpointed
+          if fitting and not last and log.steps_timed(step) >= time_budget.FIT_AFTER_STEPS:
+            fitting = False
+            fitted = time_budget.fitted_total_steps(
+                step, steps_per_second=log.steps_per_second(step),
+                seconds_left=budget.seconds_left(), total_steps=total_steps)
+            logging.info("schedule fitted to the %g-minute budget: %d steps instead of %d "
+                         "(%.2f steps/s)", config.max_train_minutes, fitted, total_steps,
+                         log.steps_per_second(step))
+            total_steps = log.total_steps = fitted
+            record.update(total_steps=fitted, **{FITTED_TOTAL_STEPS: fitted})
+            train_step = train_step_for(fitted)
+            report_progress = progress_reporter(fitted, writer, config.log_every_steps)
         _evaluate(due, state, step, log)
         if saving:
           checkpointer.save(step, state, dict(record, step=step))
@@ -332,6 +373,7 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
                     config.max_train_minutes, step, total_steps)
   train_seconds, examples_per_sec = log.throughput(step)
   summary = {name: value for name, value in log.summary.items() if name != "examples_per_sec"}
+  summary.update(initial, **({FITTED_TOTAL_STEPS: fitted} if fitted else {}))
   summary.update(step=step, start_step=start_step, num_train_steps=total_steps,
                  train_seconds=train_seconds, examples_per_sec=examples_per_sec,
                  stopped_early_by_time_budget=step < total_steps,
@@ -339,8 +381,13 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step, make_bat
   return state, summary
 
 
-def _evaluate(evaluators: Sequence[Any], state: Any, step: int, log: MetricLog) -> None:
+def _evaluate(evaluators: Sequence[Any], state: Any, step: int, log: MetricLog
+              ) -> dict[str, float]:
+  """Runs `evaluators` on `state`; all their metrics."""
+  results = {}
   for evaluator in evaluators:
     start = time.monotonic()
     metrics = evaluator.run(state)
     log.write_evaluation(step, metrics, time.monotonic() - start)
+    results.update(metrics)
+  return results

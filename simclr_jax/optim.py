@@ -4,6 +4,7 @@ All of them come from optax; this module adds SimCLR's choices: which parameters
 and the LARS trust ratio, learning rates scaled with the global batch, linear warmup then cosine
 decay to 0, and freezing parameters (zero updates, no optimizer state).
 """
+import functools
 import math
 from typing import Any, Callable
 
@@ -154,25 +155,35 @@ def with_probe_optimizer(optimizer: optax.GradientTransformation,
   return optax.multi_transform({"model": optimizer, "probe": probe_optimizer}, labels)
 
 
-def training_steps(config: Any, num_examples: int) -> tuple[int, int]:
-  """(total_steps, warmup_steps) of a job's config: `num_train_steps`, else `num_epochs` over
-  `num_examples`; `optimizer.warmup_epochs`, shortened to a tenth of training (with a warning)
-  when it would not leave a step of cosine decay."""
+def training_steps(config: Any, num_examples: int, *, total_steps: int | None = None
+                   ) -> tuple[int, int]:
+  """(total_steps, warmup_steps) of a job's config: `total_steps` when given (a schedule fitted
+  to a time budget), else `num_train_steps`, else `num_epochs` over `num_examples`;
+  `optimizer.warmup_epochs`, shortened to a tenth of training (with a warning) when it would not
+  leave a step of cosine decay."""
   batch = config.global_batch_size
-  total = (config.num_train_steps if config.num_train_steps > 0 else
-           steps_from_epochs(config.num_epochs, num_examples, batch))
+  total = total_steps or (config.num_train_steps if config.num_train_steps > 0 else
+                          steps_from_epochs(config.num_epochs, num_examples, batch))
   warmup = steps_from_epochs(config.optimizer.warmup_epochs, num_examples, batch)
   if warmup >= total:
-    logging.warning("warmup of %d steps does not fit in %d training steps; warming up for %d",
-                    warmup, total, total // 10)
+    _warn_warmup_shortened(warmup, total)
     warmup = total // 10
   return total, warmup
 
 
-def optimizer_from_config(config: Any, num_examples: int, *, trainable_mask: Any = None
+@functools.lru_cache(maxsize=None)
+def _warn_warmup_shortened(warmup: int, total: int) -> None:
+  """Once per process and schedule: a job builds its optimizer more than once."""
+  logging.warning("warmup of %d steps does not fit in %d training steps; warming up for %d",
+                  warmup, total, total // 10)
+
+
+def optimizer_from_config(config: Any, num_examples: int, *, trainable_mask: Any = None,
+                          total_steps: int | None = None
                           ) -> tuple[optax.GradientTransformation, optax.Schedule, int]:
-  """(optimizer, its learning-rate schedule, total steps) of a job's `config.optimizer`."""
-  total_steps, warmup_steps = training_steps(config, num_examples)
+  """(optimizer, its learning-rate schedule, total steps) of a job's `config.optimizer`;
+  `total_steps` replaces the config's length (see `training_steps`)."""
+  total_steps, warmup_steps = training_steps(config, num_examples, total_steps=total_steps)
   optimizer_config = config.optimizer
   schedule = learning_rate_schedule(
       optimizer_config.base_learning_rate, lr_scaling=optimizer_config.lr_scaling,

@@ -5,6 +5,7 @@
   metrics.jsonl     one JSON object per logged step, beside TensorBoard events
   results.json      written last: a workdir with results holds a finished run
   export/           the encoder export (+ the trained head, for probes and fine-tunes)
+  loss_curve.png, augmentations.png   pretraining's curves and the views it trained on
 
 Only process 0 writes files; the others write nothing (their metric writer is empty).
 """
@@ -18,12 +19,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from simclr_jax import errors
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 EXPORT_DIR = "export"
 LOSS_CURVE_FILE = "loss_curve.png"
+AUGMENTATIONS_FILE = "augmentations.png"
 
 
 class JsonLinesWriter(metric_writers.MetricWriter):
@@ -70,13 +74,43 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
+# TensorBoard groups scalars by the part of their name before '/': one group per kind.
+_OPTIMIZER_SCALARS = frozenset({"learning_rate", "grad_norm", "param_norm"})
+_SPEED_SCALARS = frozenset({"examples_per_sec", "steps_per_sec", "uptime"})
+_EVALUATION_PREFIXES = ("knn_", "linear_", "test_")
+_RUN_PREFIXES = ("final_", "initial_")
+
+
+def tensorboard_name(name: str) -> str:
+  """'train/loss', 'eval/knn_top1', 'optim/learning_rate', 'speed/...', 'final/...' for the flat
+  names of metrics.jsonl and results.json."""
+  for prefix in _RUN_PREFIXES:
+    if name.startswith(prefix):
+      return f"{prefix[:-1]}/{name[len(prefix):]}"
+  if name in _OPTIMIZER_SCALARS:
+    return f"optim/{name}"
+  if name in _SPEED_SCALARS:
+    return f"speed/{name}"
+  if name.startswith(_EVALUATION_PREFIXES):
+    return f"eval/{name}"
+  return f"train/{name}"
+
+
+class TensorBoardWriter(metric_writers.SummaryWriter):
+  """clu's TensorBoard writer with the scalars grouped by `tensorboard_name`."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    super().write_scalars(step, {tensorboard_name(name): value
+                                 for name, value in scalars.items()})
+
+
 def create_metric_writer(workdir: str) -> metric_writers.MetricWriter:
-  """Console + TensorBoard + workdir/metrics.jsonl on process 0; nothing on the others."""
+  """TensorBoard + workdir/metrics.jsonl on process 0, nothing on the others; the console line
+  is the training loop's."""
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncMultiWriter([
-      metric_writers.LoggingWriter(), metric_writers.SummaryWriter(workdir),
-      JsonLinesWriter(os.path.join(workdir, METRICS_FILE))])
+      TensorBoardWriter(workdir), JsonLinesWriter(os.path.join(workdir, METRICS_FILE))])
 
 
 def write_final_scalars(writer: metric_writers.MetricWriter, step: int,
@@ -127,8 +161,9 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict, *,
   if finished_config != config_json(config):
     if continuable:
       return None
-    raise ValueError(f"{workdir} holds a finished {config.mode} run of another config (see its "
-                     f"{CONFIG_FILE}); use a new --workdir")
+    raise errors.InvalidInput(
+        f"{workdir} holds a finished {config.mode} run of another config (see its "
+        f"{CONFIG_FILE}); use a new --workdir")
   logging.info("%s already holds this finished %s run; returning its results", workdir,
                config.mode)
   return results

@@ -333,6 +333,36 @@ def test_time_budget_ends_the_run_with_checkpoint_export_and_results(data_dir, t
     assert json.load(f)["step"] == results["step"]
 
 
+def test_schedule_fitted_to_the_time_budget_decays_inside_it(data_dir, tmp_path, monkeypatch):
+  """A step of 50 ms and a 3 s budget: after the first timed steps the schedule is shortened
+  from 1000 steps to what fits, its cosine ending at the fitted step, which the run reaches."""
+  schedules = []
+
+  def slow_step_for(*args, learning_rate_fn, **kwargs):
+    del args, kwargs
+    schedules.append(learning_rate_fn)
+    return FakeStep(lambda step: time.sleep(0.05) or {})
+
+  monkeypatch.setattr(pretrain, "create_train_state", fake_state)
+  monkeypatch.setattr(pretrain, "make_train_step", slow_step_for)
+  monkeypatch.setattr(pretrain, "export_state", lambda workdir, config, state: None)
+  config = smoke_config(data_dir, num_train_steps=1000, checkpoint_every_steps=1000,
+                        log_every_steps=5, max_train_minutes=3.0 / 60, schedule_fits_budget=True)
+  results = pretrain.run(config, str(tmp_path))
+  fitted = results[loop.FITTED_TOTAL_STEPS]
+  assert 15 < fitted < 100 and results["num_train_steps"] == fitted  # <= 20 steps/s for ~3 s
+  assert len(schedules) == 2  # the configured schedule, then the fitted one
+  assert float(schedules[1](fitted)) == 0 < float(schedules[1](fitted - 1))
+  assert float(schedules[0](fitted)) > 0.5 * float(schedules[0](100))  # 1000 steps long
+  # 5% of the rate is held back: the run ends at the fitted step, not at the budget's edge
+  assert results["step"] == fitted and not results["stopped_early_by_time_budget"]
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / workdir_files.CHECKPOINT_DIR),
+                                                 keep=3)
+  record = checkpointer.latest_record()  # a resume keeps the fitted length
+  checkpointer.close()
+  assert record[loop.FITTED_TOTAL_STEPS] == record["total_steps"] == fitted
+
+
 def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
   mesh = sharding.create_mesh()
   state = jax.device_put({"w": np.arange(4.0), "step": np.int32(0)}, sharding.replicated(mesh))

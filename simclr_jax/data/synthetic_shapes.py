@@ -144,6 +144,15 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"),
     )
 
+  # TFDS prints "Downloading and preparing dataset..." and "...Subsequent calls will reuse this
+  # data." to stdout around every preparation; nothing is downloaded here, and the input pipeline
+  # logs the generation itself.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     return {split: self._generate_examples(split) for split in SPLIT_SIZES}

@@ -14,8 +14,10 @@ from typing import Any, Mapping
 
 
 class Evaluator(abc.ABC):
-  """Scores a state; `every_steps` says how often the loop asks (0: only at the end)."""
+  """Scores a state; `every_steps` says how often the loop asks (0: only at the end), `at_start`
+  whether it also scores the initial state of a new run (the random-init baseline)."""
   every_steps: int = 0
+  at_start: bool = False
 
   @abc.abstractmethod
   def run(self, state: Any) -> Mapping[str, float]:

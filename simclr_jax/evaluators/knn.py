@@ -106,13 +106,14 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *, nu
 class KnnEvaluator(Evaluator):
   """k-NN top-1 of a representation: a memory bank of train examples, held-out queries.
 
-  `config` is a `config.evals.knn` block: every_steps, k, temperature, train_examples and
+  `config` is a `config.evals.knn` block: every_steps, at_start, k, temperature, train_examples and
   eval_examples (0 = the whole split).
   """
 
   def __init__(self, config: Mapping[str, Any], representations: features.SplitFeatures, *,
                train_split: str, eval_split: str, num_classes: int):
     self.every_steps = config["every_steps"]
+    self.at_start = config["at_start"]
     self._config = config
     self._representations = representations
     self._splits = (train_split, eval_split)

@@ -157,6 +157,7 @@ class LinearEvaluator(Evaluator):
   def __init__(self, config: Mapping[str, Any], representations: features.SplitFeatures, *,
                train_split: str, eval_split: str, num_classes: int, seed: int):
     self.every_steps = config["every_steps"]
+    self.at_start = config["at_start"]
     self._config = config
     self._representations = representations
     self._splits = (train_split, eval_split)

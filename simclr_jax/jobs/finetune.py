@@ -193,10 +193,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   params, batch_stats, model_config = initial_variables(config, classifier)
   subset, subset_record = choose_label_subset(config, sizes[config.train_split])
   num_examples = subset_record["num_labeled_examples"]
-  optimizer, schedule, total_steps = optim.optimizer_from_config(
-      config, num_examples,
-      trainable_mask=trainable_mask(params, fine_tune_after_block=config.fine_tune_after_block,
-                                    projection_layer=config.projection_layer))
+  trainable = trainable_mask(params, fine_tune_after_block=config.fine_tune_after_block,
+                             projection_layer=config.projection_layer)
+  optimizer, _, total_steps = optim.optimizer_from_config(config, num_examples,
+                                                          trainable_mask=trainable)
   initial_frozen = {
       "params": frozen_encoder_part(params, config.fine_tune_after_block),
       "batch_stats": frozen_encoder_part(batch_stats, config.fine_tune_after_block)}
@@ -210,9 +210,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   augment_view = augment.build_augmentation(config.augment, config.image_size,
                                             crop_on_device=config.host_crop_views == 0,
                                             backend=config.augment_backend)
-  finetune_step = make_finetune_step(
-      classifier, optimizer, augment_view, fine_tune_after_block=config.fine_tune_after_block,
-      learning_rate_fn=schedule, mesh=mesh)
+
+  def train_step_for(total_steps: int) -> loop.StepFn:
+    optimizer, schedule, _ = optim.optimizer_from_config(
+        config, num_examples, trainable_mask=trainable, total_steps=total_steps)
+    return make_finetune_step(
+        classifier, optimizer, augment_view, fine_tune_after_block=config.fine_tune_after_block,
+        learning_rate_fn=schedule, mesh=mesh)
+
   eval_classifier = classifier.clone(axis_name=None)
   logits_fn = features.sharded_apply(lambda variables, images: eval_classifier.apply(
       variables, images, train=False)[0], mesh)
@@ -244,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                     from_scratch=int(bool(config.from_scratch)), **subset_record))
 
   return loop.run(
-      config, workdir, initialize=initialize, train_step=finetune_step,
+      config, workdir, initialize=initialize, train_step_for=train_step_for,
       make_batches=lambda start_step: input_pipeline.train_iterator_from_config(
           config, mesh=mesh, start_step=start_step, subset=subset),
       total_steps=total_steps, num_examples=num_examples, finish=finish,

@@ -152,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     return results
 
   num_examples = sizes[config.train_split]
-  optimizer, schedule, total_steps = optim.optimizer_from_config(config, num_examples)
+  optimizer, _, total_steps = optim.optimizer_from_config(config, num_examples)
   feature_dim = test["outputs"].shape[1]
 
   def initialize() -> loop.TrainState:
@@ -170,13 +170,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   augment_view = augment.build_augmentation(config.augment, config.image_size,
                                             crop_on_device=config.host_crop_views == 0,
                                             backend=config.augment_backend)
-  probe_step = make_probe_step(classifier, optimizer, augment_view, schedule, mesh)
+
+  def train_step_for(total_steps: int) -> loop.StepFn:
+    optimizer, schedule, _ = optim.optimizer_from_config(config, num_examples,
+                                                         total_steps=total_steps)
+    probe_step = make_probe_step(classifier, optimizer, augment_view, schedule, mesh)
+    return lambda state, batch: probe_step(state, frozen, batch)
+
   test_accuracy = classification.ClassificationEvaluator(
       lambda state: _head_logits(state.params, test), every_steps=config.eval_every_steps,
       num_classes=info.num_classes)
   return loop.run(
       config, workdir, initialize=initialize,
-      train_step=lambda state, batch: probe_step(state, frozen, batch),
+      train_step_for=train_step_for,
       make_batches=lambda start_step: input_pipeline.train_iterator_from_config(
           config, mesh=mesh, start_step=start_step),
       total_steps=total_steps, num_examples=num_examples,

@@ -34,11 +34,14 @@ from simclr_jax import sharding
 from simclr_jax import workdir_files
 from simclr_jax.evaluators import knn
 from simclr_jax.evaluators import linear
+from simclr_jax.visualize import augmentations
 from simclr_jax.visualize import curves
 
 DATA_AXIS = sharding.DATA_AXIS
 # What an encoder export keeps of the model: the probe's head is specific to the pretraining data.
 EXPORTED_PARTS = ("encoder", "projection_head")
+# The augmentation preview: rows of images, views per image.
+PREVIEW_IMAGES, PREVIEW_VIEWS = 8, 6
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
@@ -70,12 +73,15 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, *,
       norm_backend=native.resolve_backend("norm_backend", config.norm_backend, platform))
 
 
-def create_optimizer(config: ml_collections.ConfigDict, num_examples: int
+def create_optimizer(config: ml_collections.ConfigDict, num_examples: int, *,
+                     total_steps: int | None = None
                      ) -> tuple[optax.GradientTransformation, optax.Schedule, int]:
   """(optimizer, its schedule, total steps): `config.optimizer` for the model, momentum SGD at
-  `probe_learning_rate` (same warmup and cosine) for the online probe."""
-  model_optimizer, schedule, total_steps = optim.optimizer_from_config(config, num_examples)
-  _, warmup_steps = optim.training_steps(config, num_examples)
+  `probe_learning_rate` (same warmup and cosine) for the online probe; `total_steps` replaces
+  the config's length (a schedule fitted to the time budget)."""
+  model_optimizer, schedule, total_steps = optim.optimizer_from_config(
+      config, num_examples, total_steps=total_steps)
+  _, warmup_steps = optim.training_steps(config, num_examples, total_steps=total_steps)
   probe_schedule = optim.learning_rate_schedule(
       config.optimizer.probe_learning_rate, lr_scaling="none",
       global_batch_size=config.global_batch_size, total_steps=total_steps,
@@ -193,11 +199,28 @@ def export_state(workdir: str, config: ml_collections.ConfigDict, state: loop.Tr
   return save_export(directory, config.to_dict(), params, batch_stats, int(step))
 
 
+def write_augmentation_preview(workdir: str, config: ml_collections.ConfigDict,
+                               class_names) -> str:
+  """The first training images beside views of `config.augment` (the ones training draws, made
+  by the JAX ops) as workdir/augmentations.png."""
+  batch = next(iter(input_pipeline.create_eval_iterator(
+      config.dataset, data_dir=config.data_dir or None, split=config.train_split,
+      global_batch_size=PREVIEW_IMAGES, image_size=config.image_size,
+      mesh=sharding.create_mesh(jax.local_devices()[:1]))))
+  images, labels = sharding.to_host((batch["image"], batch["label"]))
+  views = augmentations.augmented_views(images, config.augment, image_size=config.image_size,
+                                        num_views=PREVIEW_VIEWS, seed=config.seed)
+  return augmentations.plot_augmentation_grid(
+      images, views, os.path.join(workdir, workdir_files.AUGMENTATIONS_FILE),
+      row_labels=[class_names[label] for label in labels],
+      title=f"{config.dataset}: training views ({config.image_size} px)")
+
+
 def export_initialization(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The encoder `config`'s pretraining starts from (its seed's random init) into workdir/export:
   the random-init baseline of linear probes (BN statistics at their initial 0 / 1)."""
   workdir = os.path.abspath(workdir)
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
+  info = config_checks.dataset_info(config)
   state = create_train_state(create_model(config, info.num_classes), optax.identity(),
                              seed=config.seed, image_size=config.image_size,
                              mesh=sharding.create_mesh(jax.local_devices()[:1]))
@@ -238,28 +261,35 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   workdir = os.path.abspath(workdir)
   mesh = mesh if mesh is not None else sharding.create_mesh()
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
+  info = config_checks.dataset_info(config)
   validate_config(config, num_devices=mesh.devices.size, info=info)
   finished = workdir_files.finished_results(workdir, config, continuable=True)
   if finished is not None:
     return finished
   num_examples = info.split_sizes[config.train_split]
   model = create_model(config, info.num_classes)
-  optimizer, schedule, total_steps = create_optimizer(config, num_examples)
+  optimizer, _, total_steps = create_optimizer(config, num_examples)
   augment_view = augment.build_augmentation(config.augment, config.image_size,
                                             crop_on_device=config.host_crop_views == 0,
                                             backend=config.augment_backend)
-  train_step = make_train_step(model, optimizer, augment_view, temperature=config.temperature,
-                               learning_rate_fn=schedule, mesh=mesh)
-  logging.info("pretraining %s on %s with %d device(s) in %d process(es): %s convolutions, %s "
-               "batch norm", config.model.to_dict(), config.dataset, mesh.devices.size,
-               jax.process_count(), model.conv_backend, model.norm_backend)
+
+  def train_step_for(total_steps: int) -> loop.StepFn:
+    """The step of a schedule `total_steps` long (the optimizer state has the same structure)."""
+    optimizer, schedule, _ = create_optimizer(config, num_examples, total_steps=total_steps)
+    return make_train_step(model, optimizer, augment_view, temperature=config.temperature,
+                           learning_rate_fn=schedule, mesh=mesh)
+
+  logging.info("pretraining ResNet-%d (width %g) on %s with %d device(s) in %d process(es): %s "
+               "convolutions, %s batch norm", config.model.depth, config.model.width_multiplier,
+               config.dataset, mesh.devices.size, jax.process_count(), model.conv_backend,
+               model.norm_backend)
   def finish(state: loop.TrainState, summary: dict[str, Any]) -> dict[str, Any]:
     export_state(workdir, config, state)
     if jax.process_index() == 0:
       curves.plot_training_curves(os.path.join(workdir, workdir_files.METRICS_FILE),
                                   os.path.join(workdir, workdir_files.LOSS_CURVE_FILE),
                                   title=f"SimCLR {config.dataset}")
+      write_augmentation_preview(workdir, config, info.class_names)
     return {"mode": "pretrain", "dataset": config.dataset, **summary,
             "pairs_per_sec": summary["examples_per_sec"],
             "global_batch_size": config.global_batch_size,
@@ -270,7 +300,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       config, workdir, total_steps=total_steps, num_examples=num_examples, finish=finish,
       initialize=lambda: create_train_state(model, optimizer, seed=config.seed,
                                             image_size=config.image_size, mesh=mesh),
-      train_step=train_step,
+      train_step_for=train_step_for,
       make_batches=lambda start_step: input_pipeline.train_iterator_from_config(
           config, mesh=mesh, start_step=start_step),
       evaluators=make_evaluators(config, model, num_classes=info.num_classes, mesh=mesh))

@@ -55,7 +55,7 @@ def start(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
   workdir = os.path.abspath(workdir)
   mesh = mesh if mesh is not None else sharding.create_mesh()
   validate(config, num_devices=mesh.devices.size)
-  info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir or None)
+  info = config_checks.dataset_info(config)
   return Start(workdir=workdir, mesh=mesh, info=info, split_sizes=split_sizes(config, mesh),
                finished=workdir_files.finished_results(workdir, config))
 
@@ -63,10 +63,11 @@ def start(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
 def split_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, int]:
   """{split spec: size} of the train and eval splits; reads no data, fails early on a bad
   dataset or split spec (the input pipeline names the available ones)."""
-  return {split: input_pipeline.create_eval_iterator(
-      config.dataset, data_dir=config.data_dir or None, split=split,
-      global_batch_size=config.global_batch_size, image_size=config.image_size,
-      mesh=mesh).num_examples for split in (config.train_split, config.eval_split)}
+  with config_checks.user_input():
+    return {split: input_pipeline.create_eval_iterator(
+        config.dataset, data_dir=config.data_dir or None, split=split,
+        global_batch_size=config.global_batch_size, image_size=config.image_size,
+        mesh=mesh).num_examples for split in (config.train_split, config.eval_split)}
 
 
 def create_classifier(config: ml_collections.ConfigDict, num_classes: int, *,
