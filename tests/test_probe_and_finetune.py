@@ -18,6 +18,8 @@ import tensorflow_datasets as tfds
 from configs import cifar10_finetune
 from configs import cifar10_linear_probe
 from configs import cifar10_pretrain
+from configs import imagenet_finetune
+from configs import imagenet_linear_probe
 from configs import smoke_pretrain
 from configs import transfer_linear_probe
 from simclr_jax import export
@@ -412,6 +414,8 @@ def test_dataset_without_labels_is_a_clear_error(random_export, tmp_path):
     (cifar10_finetune, ["100pct", "10pct", "1pct", "100pct_scratch", "10pct_scratch",
                         "1pct_scratch", "cpu", "cpu_supervised", "smoke", "smoke_scratch"]),
     (transfer_linear_probe, ["cifar100", "tf_flowers", "imagenette", "stl10", "smoke"]),
+    (imagenet_linear_probe, ["r50", "r50_lbfgs", "smoke"]),
+    (imagenet_finetune, ["1pct", "10pct", "100pct", "1pct_scratch", "smoke"]),
 ])
 def test_recipes_build_and_name_their_variants(module, variants):
   for variant in variants:
