@@ -4,7 +4,7 @@ r"""SimCLR pretraining on CIFAR-100 with the CIFAR-10 recipe (the paper uses the
       --config.data_dir=DIR_WITH_PREPARED_TFDS_CIFAR100
 
 Variants: `r18` (default), `r50`, `cpu`, `smoke`; see configs/cifar10_pretrain.py for the
-official numbers and the weight-decay factor.
+official command they follow (the official code has no CIFAR-100 command of its own).
 """
 import ml_collections
 

@@ -37,6 +37,7 @@ def probe_config(protocol: str = "sgd") -> ml_collections.ConfigDict:
 def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The probe of cifar10_pretrain.py:cpu (and of its baselines)."""
   config.model.width_multiplier = 0.5
+  config.model.head_layers = 2
   config.global_batch_size = 256
   return config
 

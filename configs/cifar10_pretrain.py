@@ -1,4 +1,4 @@
-r"""SimCLR pretraining on CIFAR-10: the official CIFAR recipe and smaller forms of it.
+r"""SimCLR pretraining on CIFAR-10: the official CIFAR recipe (SimCLRv2 code) and smaller forms.
 
   python -m simclr_jax.main --config=configs/cifar10_pretrain.py:r18 --workdir=/tmp/cifar10_r18 \
       --config.data_dir=DIR_WITH_PREPARED_TFDS_CIFAR10
@@ -6,22 +6,23 @@ r"""SimCLR pretraining on CIFAR-10: the official CIFAR recipe and smaller forms 
 Variants: `r18` (default; the official README's CIFAR-10 command), `r50`, `cpu` (ResNet-18 at
 width 1/2, 25 minutes on a 2-core CPU), `smoke` (tiny, 60 steps on generated data).
 
-The official command (google-research/simclr README) is
+`r18` reproduces SimCLR v2's code (google-research/simclr `run.py` since its v2 update), whose
+README command is
   run.py --train_batch_size=512 --train_epochs=1000 --learning_rate=1.0 --weight_decay=1e-4
   --temperature=0.5 --resnet_depth=18 --image_size=32 --color_jitter_strength=0.5 --use_blur=False
-with the official defaults LARS, learning_rate_scaling='linear' (peak 1.0 * 512 / 256 = 2.0),
-10 warmup epochs then cosine, BN momentum 0.9, and a CIFAR stem at 32 px.
-Weight decay: the official loss is the sum of both directions' means, twice our `nt_xent` mean.
-LARS adds weight decay to the gradient before its (scale-free) trust ratio, so the official
-1e-4 against a 2x gradient equals 1e-4 / 2 against ours; the recipes state it that way.
+with that code's defaults: a 3-layer projection head (num_proj_layers=3), LARS with
+learning_rate_scaling='linear' (peak 1.0 * 512 / 256 = 2.0), 10 warmup epochs then cosine,
+BN momentum 0.9, and a CIFAR stem at 32 px. The loss is the official objective (both
+directions' means summed, `losses.nt_xent`), so the official weight decay applies unchanged.
+`r50` is that command with ResNet-50 at B=1024 (the paper's CIFAR-10 linear-eval network); the
+official code has no command of its own for it.
 """
 import ml_collections
 
 from configs import common
 
-OFFICIAL_CIFAR_WEIGHT_DECAY = 1e-4
-# nt_xent reports the paper's mean over 2N anchors; the official code's loss is 2x that.
-OFFICIAL_LOSS_SCALE = 2.0
+OFFICIAL_CIFAR_WEIGHT_DECAY = 1e-4  # the v2 README command's
+OFFICIAL_V2_HEAD_LAYERS = 3       # num_proj_layers of the v2 code
 
 
 def cifar_recipe(dataset: str) -> ml_collections.ConfigDict:
@@ -30,6 +31,7 @@ def cifar_recipe(dataset: str) -> ml_collections.ConfigDict:
   config.dataset = dataset
   config.image_size = 32
   config.model = common.model_config(18, 1.0, cifar_stem=True)
+  config.model.head_layers = OFFICIAL_V2_HEAD_LAYERS
   config.augment = common.augment_config("simclr_cifar")  # s=0.5, no blur
   config.global_batch_size = 512
   config.num_epochs = 1000.0
@@ -38,7 +40,7 @@ def cifar_recipe(dataset: str) -> ml_collections.ConfigDict:
   config.optimizer.base_learning_rate = 1.0
   config.optimizer.lr_scaling = "linear"
   config.optimizer.warmup_epochs = 10.0
-  config.optimizer.weight_decay = OFFICIAL_CIFAR_WEIGHT_DECAY / OFFICIAL_LOSS_SCALE
+  config.optimizer.weight_decay = OFFICIAL_CIFAR_WEIGHT_DECAY
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.evals.knn.every_steps = 5000
@@ -55,25 +57,16 @@ def resnet50(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """ResNet-18 at width 1/2, 24 px views, bfloat16 convolutions: 25 minutes on 2 CPU cores.
 
-  Sized for this project's test machine: 2 cores with bfloat16 matrix units (Intel AMX), where
-  `conv_backend='onednn_bf16'` runs every convolution in oneDNN bfloat16 and the native batch
-  norm (`norm_backend='auto'`) the rest at 3.1-3.3 steps/s (~400 pairs/s) sustained: about 11.6
-  epochs in the budget. Without such units use `--config.conv_backend=auto` (oneDNN float32;
-  measure its rate and size `num_epochs` to it).
-  A small batch, so the paper's square-root scaling (0.075 * sqrt(B)) rather than linear. tau =
-  0.2, which beat 0.5 by 4-5 k-NN points in a 150-step sweep of tau x LR (0.1 led at 300
-  steps, but over the whole budget probed level with 0.2). Crop area [0.2, 1]
-  instead of the official [0.08, 1] (+1.3 points at width 1/4). Views of 24 px, cropped on the
-  device from the full 32 px images: they take ~0.7x the time of 32 px ones, and a crop of the
-  mean area (0.6) shown at 24 px has its objects at about the size the probe sees in a whole
-  32 px image (+2-3 points at width 1/4). The 15-epoch cosine is longer than the budget: the
-  budget cuts it at ~78%, as it cut the earlier, slower recipes' (experiments/results/
-  cifar10_cpu_25min.md has every run: 11.65 epochs probed 68.7%; the 10-epoch recipe on the
-  slower step reached 8.0-8.9 epochs and probed 66.4-66.8% over three seeds).
+  For CPUs with bfloat16 matrix units (Intel AMX; elsewhere use `--config.conv_backend=auto`).
+  A small batch, so the paper's square-root LR scaling; a 2-layer head (v1) and tau 0.2; crops
+  of area [0.2, 1] shown at 24 px, cut on the device from the 32 px images, so objects appear at
+  about the size the probe sees in a whole image; a cosine the 25-minute budget reaches most of.
+  Each choice, what it was worth and every run: experiments/results/cifar10_cpu_25min.md.
   """
   config.augment.random_resized_crop = dict(area_min=0.2)
   config.image_size = 24
   config.model.width_multiplier = 0.5
+  config.model.head_layers = 2
   config.conv_backend = "onednn_bf16"
   config.global_batch_size = 128
   config.num_epochs = 15.0

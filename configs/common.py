@@ -135,7 +135,9 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   config.image_size = 32
   config.host_crop_views = 0         # 1: the host crops (datasets whose image sizes vary)
   config.data_shards = 0             # input streams of the batch (0 = one per process)
-  config.model = model_config(18, 1.0, cifar_stem=True)  # must describe init_from's export
+  # Must describe init_from's export: cifar10_pretrain.py:r18's network (a v2 3-layer head).
+  config.model = model_config(18, 1.0, cifar_stem=True)
+  config.model.head_layers = 3
   config.dtype = "float32"
   config.conv_backend = "auto"       # CPU: oneDNN convolutions, else XLA; or 'onednn_bf16'
   config.norm_backend = "auto"       # CPU: batch norm + ReLU from C++ kernels, else JAX; or 'jax'

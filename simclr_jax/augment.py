@@ -301,45 +301,82 @@ def center_crop_box(height: int, width: int, proportion: float) -> jax.Array:
 
 
 def _keys_cubic(distance):
-  """Keys' cubic convolution kernel with a = -0.5 (jax.image 'cubic', tf.image.resize bicubic)."""
+  """Keys' cubic convolution kernel with a = -0.5 (tf.image.resize bicubic, jax.image 'cubic')."""
   distance = jnp.abs(distance)
   return jnp.where(distance <= 1.0, (1.5 * distance - 2.5) * distance * distance + 1.0,
                    jnp.where(distance < 2.0,
                              ((-0.5 * distance + 2.5) * distance - 4.0) * distance + 2.0, 0.0))
 
 
-def _resize_weights(start, length, input_size: int, output_size: int):
-  """[output_size, input_size] bicubic weights sampling [start, start + length) (half-pixel
-  centres, antialiased when shrinking), equal to jax.image.scale_and_translate's."""
-  scale = length / output_size
-  centres = start + (jnp.arange(output_size, dtype=jnp.float32) + 0.5) * scale - 0.5
-  distance = centres[:, None] - jnp.arange(input_size, dtype=jnp.float32)[None, :]
-  weights = _keys_cubic(distance / jnp.maximum(scale, 1.0))
-  return weights / jnp.sum(weights, axis=1, keepdims=True)
+# tf.image.resize's bicubic kernel reads its weights from a table of the kernel at multiples of
+# 1/1024 px (resize_bicubic_op.cc), so its sample positions are rounded to that grid: up to 7e-4
+# off the exact kernel on random images, hence the rounding here too.
+BICUBIC_TABLE_SIZE = 1024
 
 
-def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
-  """Bicubic resize of `image[top:top+h, left:left+w]` to size x size; the box may be traced.
+def _bicubic_weights(length, output_size: int, taps_of: Callable[[jax.Array], jax.Array]
+                     ) -> tuple[jax.Array, jax.Array]:
+  """tf.image.resize's bicubic weights (no antialias) resizing `length` pixels to `output_size`,
+  as its kernel computes them: half-pixel centres, Keys a=-0.5, no weight on pixels outside the
+  crop and the rest renormalised to sum to 1. `taps_of(nearest_below)` gives the crop pixels
+  [output_size, n] to weigh (only the 4 around each centre get any): returns them and their
+  weights. `length` may be traced."""
+  scale = jnp.asarray(length, jnp.float32) / output_size
+  position = (jnp.arange(output_size, dtype=jnp.float32) + 0.5) * scale - 0.5
+  nearest_below = jnp.floor(position)
+  fraction = jnp.round((position - nearest_below) * BICUBIC_TABLE_SIZE) / BICUBIC_TABLE_SIZE
+  taps = taps_of(nearest_below.astype(jnp.int32)[:, None])
+  distance = fraction[:, None] - (taps - nearest_below[:, None])
+  weights = jnp.where((taps >= 0) & (taps < length), _keys_cubic(distance), 0.0)
+  return taps, weights / jnp.sum(weights, axis=1, keepdims=True)
 
-  `rows @ plane @ cols.T` per channel plane with per-image weight matrices (what
-  jax.image.scale_and_translate does): under vmap on CPU these batched matmuls beat both
-  scale_and_translate and a 4-tap gather-and-weight resize, whose batched gathers XLA CPU runs
-  several times slower than the dense matmuls even at 224 px.
-  """
+
+def _resize_by_gathers(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """4 gathered rows per output row, then 4 gathered columns per output column."""
+
+  def along_rows(image, start, length):
+    taps, weights = _bicubic_weights(length, size, lambda below: below + jnp.arange(-1, 3))
+    rows = image.at[start + jnp.clip(taps, 0, length - 1)].get(mode="promise_in_bounds")
+    return jnp.sum(rows * weights[..., None, None], axis=1)  # [size, 4, ..., C] -> [size, ..., C]
+
+  rows = along_rows(image, box[0], box[2])  # [size, W, C]
+  return jnp.swapaxes(along_rows(jnp.swapaxes(rows, 0, 1), box[1], box[3]), 0, 1)
+
+
+def _resize_by_matmuls(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """`rows @ plane @ columns.T` per channel plane, the weights as dense [size, H or W] matrices."""
   height, width, _ = image.shape
-  box = box.astype(jnp.float32)
-  rows = _resize_weights(box[0], box[2], height, size)
-  cols = _resize_weights(box[1], box[3], width, size)
+  rows, columns = (
+      _bicubic_weights(length, size, lambda below: jnp.arange(image_side)[None] - start)[1]
+      for start, length, image_side in ((box[0], box[2], height), (box[1], box[3], width)))
   matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # no bf16 on TPU
-  planes = matmul(matmul(rows, jnp.transpose(image, (2, 0, 1))), cols.T)
+  planes = matmul(matmul(rows, jnp.transpose(image, (2, 0, 1))), columns.T)
   return jnp.transpose(planes, (1, 2, 0))
 
 
+def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """tf.image.resize(tf.image.crop_to_bounding_box(image, *box), [size, size], 'bicubic') with
+  `box` = [top, left, height, width], as the official `crop_and_resize`: the resize sees only
+  the box's pixels (its border is the crop's), no antialias when shrinking. The box may be
+  traced (a different one per image under vmap); the size is static.
+
+  Separable, 4 taps per output along each axis. Accelerators gather them: 8 FLOPs per output
+  element and axis, where dense weight matrices cost 2 H then 2 W. XLA's CPU backend runs the
+  batched gathers 9-20x slower than matmuls by the dense matrices of the same weights (at 224
+  px under vmap), so there it multiplies (experiments/results/augment_flops.md).
+  """
+  image, box = jnp.asarray(image), jnp.asarray(box, jnp.int32)
+  return jax.lax.platform_dependent(
+      image, box, cpu=functools.partial(_resize_by_matmuls, size=size),
+      default=functools.partial(_resize_by_gathers, size=size))
+
+
 def resize(image: jax.Array, size: int) -> jax.Array:
-  """Bicubic resize of the whole image to size x size (no-op when it already has that size)."""
-  if image.shape[:2] == (size, size):
+  """tf.image.resize(image, [size, size], 'bicubic'): crop_and_resize of the whole image."""
+  height, width, _ = image.shape
+  if (height, width) == (size, size):
     return image
-  return jax.image.resize(image, (size, size, image.shape[-1]), method="cubic")
+  return crop_and_resize(image, jnp.array([0, 0, height, width]), size)
 
 
 def rotate90(key: jax.Array, image: jax.Array) -> jax.Array:

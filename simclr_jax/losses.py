@@ -51,12 +51,13 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
   rows (`all_gather`), so memory is O(local_n * N) per device, never N x N. The positive of local
   row i is global column `axis_index * local_n + i`.
 
-  Scale: `loss` is the paper's mean over the 2N anchors, about log(2N-1) at random init. The
-  official code optimises and reports the sum of the two directions' means, i.e. 2 * `loss`.
-  Official hyperparameters assume that 2x scale: LARS adds weight decay to the gradient before the
-  trust ratio (so decay weighs twice as much against our loss), and the BN/bias parameters it
-  excludes from the trust ratio move with the gradient's scale. To reproduce official dynamics
-  exactly, optimise 2 * `loss`.
+  Scale: `loss` is the official objective (google-research/simclr `add_contrastive_loss`): the
+  sum of the two directions' mean cross-entropies, i.e. the sum over the 2N anchors divided by N,
+  about 2 log(2N-1) at random init. It is twice the paper's mean over the 2N anchors, which
+  `metrics['contrastive_loss_per_anchor']` reports. Optimising the official scale lets official
+  hyperparameters apply unchanged: LARS adds weight decay to the gradient before its trust ratio
+  (so the decay's weight against the loss depends on the loss's scale), and the batch-norm and
+  bias parameters it excludes from the trust ratio step by `lr * gradient`.
 
   Gradients (verified on jax 0.10.2 with shard_map's default `check_vma=True`, see
   tests/test_losses.py): `loss` is the psum of this device's share, so `jax.grad` inside
@@ -76,7 +77,8 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
       on a single device.
 
   Returns:
-    (loss, metrics): float32 scalars (float64 for float64 inputs), identical on every device. `contrastive_accuracy` is the
+    (loss, metrics): float32 scalars (float64 for float64 inputs), identical on every device.
+    `contrastive_loss_per_anchor` is the paper's loss (`loss` / 2), `contrastive_accuracy` the
     fraction of first views whose largest view-to-view logit (against the N second views) is
     their positive, and `contrastive_entropy` the mean entropy of that softmax, as the official
     code logs them.
@@ -117,10 +119,11 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float,
   entropy_sum = -jnp.sum(jnp.exp(log_probs_ab) * log_probs_ab)
   loss_sum, correct, entropy_sum = _sum_over_devices((loss_sum, correct, entropy_sum), axis_name)
   metrics = {
+      "contrastive_loss_per_anchor": loss_sum / (2 * global_n),
       "contrastive_accuracy": correct.astype(jnp.float32) / global_n,
       "contrastive_entropy": entropy_sum / global_n,
   }
-  return loss_sum / (2 * global_n), metrics
+  return loss_sum / global_n, metrics
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None,

@@ -93,7 +93,8 @@ def test_recipes_carry_the_official_numbers():
   assert "blur" not in cifar_augment["ops"] and cifar_augment["color_jitter"]["strength"] == 0.5
   assert (cifar.optimizer.name, cifar.optimizer.base_learning_rate,
           cifar.optimizer.lr_scaling) == ("lars", 1.0, "linear")
-  assert cifar.optimizer.weight_decay == pytest.approx(1e-4 / 2)  # official value / loss scale
+  assert cifar.optimizer.weight_decay == 1e-4 and cifar.model.head_layers == 3  # the v2 command
+  assert imagenet_pretrain.get_config().optimizer.weight_decay == 1e-6  # v1, official scale
   imagenet = imagenet_pretrain.get_config()
   assert (imagenet.model.depth, imagenet.global_batch_size, imagenet.temperature,
           imagenet.dtype) == (50, 4096, 0.1, "bfloat16")

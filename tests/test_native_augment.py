@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from simclr_jax import augment
+from simclr_jax import native
 from simclr_jax.native import augment as native_augment
+from tests.helpers import CROP_AND_RESIZE_CASES, tf_crop_and_resize
 
 # Measured: 3e-6 at most (sums in another order, a division where JAX multiplies). A wrong
 # step (order, coin, box, flip axis) moves pixels by 0.05 or more.
@@ -53,6 +55,20 @@ def test_native_views_equal_jax_views(name):
     assert native_views.shape == (24, size, size, 3)
     assert np.abs(native_views - jax_views).max() <= TOLERANCE, (name, view)
   assert np.abs(native_views[2:] - native_views[2:].mean(0)).max() > 0.1  # the views do vary
+
+
+@pytest.mark.parametrize("case", CROP_AND_RESIZE_CASES)
+def test_native_crop_equals_tf_crop_then_resize(case):
+  """The crop step alone against the official crop then resize, as test_augment checks the JAX
+  op, to tf.image's 1e-4 (the kernel clips its views to [0, 1])."""
+  height, width, size, boxes = CROP_AND_RESIZE_CASES[case]
+  images = np.random.default_rng(5).random((len(boxes), height, width, 3), dtype=np.float32)
+  crop = jax.jit(jax.vmap(lambda x, box: native.run_augment_steps(
+      x, [("random_resized_crop", (box,))], size)))
+  views = np.asarray(crop(images, np.asarray(boxes, np.float32)))
+  for image, box, view in zip(images, boxes, views):
+    expected = np.clip(tf_crop_and_resize(image, box, size), 0.0, 1.0)
+    assert np.abs(view - expected).max() <= 1e-4, box
 
 
 def test_native_views_inside_shard_map_on_eight_devices_equal_one_device():

@@ -59,13 +59,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, *,
-                 axis_name: str | None = DATA_AXIS) -> models.SimCLRModel:
-  """The model of `config` with its compute dtype and resolved backends."""
+                 axis_name: str | None = DATA_AXIS, platform: str | None = None
+                 ) -> models.SimCLRModel:
+  """The model of `config` with its compute dtype and its backends resolved for `platform`
+  (default: this run's)."""
   return models.create_model(
       config.model, num_classes=num_classes, axis_name=axis_name,
       dtype=models.COMPUTE_DTYPES[config.dtype],
-      conv_backend=native.resolve_backend("conv_backend", config.conv_backend),
-      norm_backend=native.resolve_backend("norm_backend", config.norm_backend))
+      conv_backend=native.resolve_backend("conv_backend", config.conv_backend, platform),
+      norm_backend=native.resolve_backend("norm_backend", config.norm_backend, platform))
 
 
 def create_optimizer(config: ml_collections.ConfigDict, num_examples: int
@@ -106,13 +108,14 @@ def make_loss_fn(model: models.SimCLRModel, *, temperature: float, axis_name: st
   """(params, batch_stats, views [2n,...], labels [n]) -> (total loss, (metrics, batch_stats)).
 
   `views` holds the first views of the n images, then their second views. The total is NT-Xent
-  plus the online probe's cross-entropy; the probe sees stop_gradient(h) (inside the model), so
-  its loss trains only the linear head.
+  at the official scale (`losses.nt_xent`'s `loss`, logged as `loss`; the paper's per-anchor mean
+  is logged as `contrastive_loss_per_anchor`) plus the online probe's cross-entropy; the probe
+  sees stop_gradient(h) (inside the model), so its loss trains only the linear head.
   """
   def loss_fn(params, batch_stats, views, labels):
     outputs, updated = model.apply({"params": params, "batch_stats": batch_stats}, views,
                                    train=True, mutable=["batch_stats"])
-    z1, z2 = jnp.split(outputs["z"].astype(jnp.float32), 2)
+    z1, z2 = jnp.split(outputs["z"], 2)
     contrastive_loss, contrastive = losses.nt_xent(z1, z2, temperature=temperature,
                                                    axis_name=axis_name)
     probe = losses.classification_metrics(outputs["probe_logits"],

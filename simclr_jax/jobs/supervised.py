@@ -47,13 +47,14 @@ def split_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> d
 
 
 def create_classifier(config: ml_collections.ConfigDict, num_classes: int, *,
-                      axis_name: str | None) -> models.Classifier:
+                      axis_name: str | None, platform: str | None = None) -> models.Classifier:
+  """The classifier of `config`, its backends resolved for `platform` (default: this run's)."""
   return models.Classifier(
       models.ModelConfig.from_mapping(config.model), num_classes=num_classes,
       projection_layer=config.projection_layer, axis_name=axis_name,
       dtype=models.COMPUTE_DTYPES[config.dtype],
-      conv_backend=native.resolve_backend("conv_backend", config.conv_backend),
-      norm_backend=native.resolve_backend("norm_backend", config.norm_backend))
+      conv_backend=native.resolve_backend("conv_backend", config.conv_backend, platform),
+      norm_backend=native.resolve_backend("norm_backend", config.norm_backend, platform))
 
 
 def eval_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

@@ -28,7 +28,7 @@ class ProjectionHead(nn.Module):
 
   Dense layers have no bias (BN follows). `num_layers=2` is SimCLR v1, 3 is v2 (whose fine-tuning
   starts from hiddens[1]). Returns (z, hiddens): hiddens[0] is h, hiddens[i] the output of layer i;
-  all float32.
+  all float32 (float64 when `dtype` is).
   """
   num_layers: int = 2
   hidden_dim: int = 0
@@ -45,7 +45,8 @@ class ProjectionHead(nn.Module):
   @nn.compact
   def __call__(self, h, *, train: bool):
     hidden_dim = self.hidden_dim or h.shape[-1]
-    hiddens = [h.astype(jnp.float32)]
+    output_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    hiddens = [h.astype(output_dtype)]
     x = h
     for i in range(self.num_layers):
       is_last = i == self.num_layers - 1
@@ -58,7 +59,7 @@ class ProjectionHead(nn.Module):
                        name=f"bn_{i}")(x)
       if not is_last:
         x = nn.relu(x)
-      hiddens.append(x.astype(jnp.float32))
+      hiddens.append(x.astype(output_dtype))
     return hiddens[-1], tuple(hiddens)
 
 

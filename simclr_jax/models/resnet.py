@@ -178,7 +178,8 @@ class ResNet(nn.Module):
 
   Inputs are float images in [0, 1], NHWC, without mean/std normalisation (as the official code).
   With `axis_name`, BN statistics are averaged over that mesh axis (global BN under shard_map).
-  Computation runs in `dtype`; parameters are float32 and `h` is float32.
+  Computation runs in `dtype`; parameters are float32 and `h` is float32 (float64 when `dtype`
+  is: tests compare whole training steps against float64 references).
   """
   depth: int
   width_multiplier: float = 1.0
@@ -242,7 +243,7 @@ class ResNet(nn.Module):
         else:
           x = BasicBlock(filters, strides, conv, norm, resnet_d=self.sk_ratio > 0, name=name)(x)
       x = end_of_stage(group, x)
-    features["h"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    features["h"] = jnp.mean(x.astype(jnp.promote_types(self.dtype, jnp.float32)), axis=(1, 2))
     return features
 
   def _stem(self, x, conv, norm):

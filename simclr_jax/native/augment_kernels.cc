@@ -3,7 +3,7 @@
 // simclr_jax/augment.py draws every random number of a view in JAX; this kernel only applies a
 // run of consecutive ops given those numbers. XLA compiles the same ops as a dozen passes over
 // the whole batch, each costing ~2 ns per element on CPU (layout copies, the saturation/hue
-// passes, the crop's matmuls). Here each image goes through all its steps while it sits in one
+// passes, the crop's two). Here each image goes through all its steps while it sits in one
 // thread's cache, as three channel planes, and the batch is split over XLA's CPU threads
 // (parallel.h).
 //
@@ -31,7 +31,8 @@ namespace {
 
 // Op codes and the numbers each takes from `params`:
 enum Step : int64_t {
-  kCrop = 0,         // top, left, height, width: bicubic resize of that box to the views' size
+  kCrop = 0,         // top, left, height, width: that box alone resized (bicubic) to the views'
+                     // size
   kFlip = 1,         // apply
   kColorJitter = 2,  // apply, order[4] (Jitter codes), brightness gain and shift, contrast,
                      // saturation, hue
@@ -79,7 +80,12 @@ float Floor(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Crop + bicubic resize (augment.crop_and_resize): separable, one axis after the other.
+// Crop, then bicubic resize of the crop alone (augment.crop_and_resize): separable, one axis
+// after the other.
+
+// tf.image.resize's bicubic kernel tabulates the cubic at multiples of 1 / this many pixels
+// (augment.BICUBIC_TABLE_SIZE).
+constexpr float kBicubicTableSize = 1024.0f;
 
 // Keys' cubic convolution kernel with a = -0.5 (augment._keys_cubic).
 float KeysCubic(float distance) {
@@ -94,7 +100,7 @@ float KeysCubic(float distance) {
 // computing them vectorises over the outputs). `CombineRows` applies it.
 struct RowTaps {
   std::vector<int32_t> first;
-  std::vector<float> weights, centres, sums;
+  std::vector<float> weights;
   int64_t count = 0, outputs = 0;
 
   void Reshape(int64_t new_count, int64_t new_outputs) {
@@ -104,32 +110,32 @@ struct RowTaps {
     weights.resize(count * outputs);
   }
 
-  // The nonzero entries of augment._resize_weights' [output, input] matrix (bicubic, sampling
-  // [start, start + length) at output_size points).
-  void Bicubic(float start, float length, int64_t input_size, int64_t output_size) {
+  // tf.image.resize's bicubic (no antialias) of the `length` inputs from `start` on to
+  // `output_size` outputs, as augment._bicubic_weights: half-pixel centres, 4 Keys taps at the
+  // sample position rounded to TF's table (kBicubicTableSize), the taps outside the crop weighted
+  // 0 and the rest renormalised. A crop of fewer than 4 pixels has fewer rows to combine.
+  void Bicubic(float start, float length, int64_t output_size) {
+    const int64_t crop_start = static_cast<int64_t>(start), crop = static_cast<int64_t>(length);
+    Reshape(std::min<int64_t>(4, crop), output_size);
+    std::fill(weights.begin(), weights.end(), 0.0f);
     const float scale = length / static_cast<float>(output_size);
-    const float kernel_scale = std::max(scale, 1.0f);  // antialiased when shrinking
-    const float support = 2.0f * kernel_scale;  // the kernel is zero from there on
-    // Inputs closer than `support` to a centre: at most ceil(2 * support) in a row.
-    Reshape(std::min<int64_t>(input_size, static_cast<int64_t>(std::ceil(2.0f * support))),
-            output_size);
-    centres.resize(outputs);
-    sums.assign(outputs, 0.0f);
-    const float last_first = static_cast<float>(input_size - count);
     for (int64_t o = 0; o < outputs; ++o) {
-      centres[o] = start + (static_cast<float>(o) + 0.5f) * scale - 0.5f;
-      first[o] = static_cast<int32_t>(
-          std::min(std::max(Floor(centres[o] - support) + 1.0f, 0.0f), last_first));
-    }
-    for (int64_t k = 0; k < count; ++k) {
-      float* w = &weights[k * outputs];
-      for (int64_t o = 0; o < outputs; ++o) {
-        w[o] = KeysCubic((centres[o] - static_cast<float>(first[o] + k)) / kernel_scale);
-        sums[o] += w[o];
+      const float position = (static_cast<float>(o) + 0.5f) * scale - 0.5f;
+      const float below = std::floor(position);
+      const float fraction =
+          std::nearbyint((position - below) * kBicubicTableSize) / kBicubicTableSize;
+      const int64_t nearest = static_cast<int64_t>(below);
+      const int64_t first_tap = std::min(std::max<int64_t>(nearest - 1, 0), crop - count);
+      first[o] = static_cast<int32_t>(crop_start + first_tap);
+      float sum = 0.0f;
+      for (int64_t t = -1; t <= 2; ++t) {
+        const int64_t tap = nearest + t;  // in the crop, or weighted 0
+        if (tap < 0 || tap >= crop) continue;
+        const float weight = KeysCubic(fraction - static_cast<float>(t));
+        weights[(tap - first_tap) * outputs + o] = weight;
+        sum += weight;
       }
-    }
-    for (int64_t k = 0; k < count; ++k) {
-      for (int64_t o = 0; o < outputs; ++o) weights[k * outputs + o] /= sums[o];
+      for (int64_t k = 0; k < count; ++k) weights[k * outputs + o] /= sum;
     }
   }
 
@@ -161,7 +167,7 @@ struct Workspace {
 };
 
 // Output row o = sum_k weight(o, k) * input row (first[o] + k - first_row), `columns` wide.
-// Taps go four at a time through each output row: one pass per row for an upscaling crop.
+// Taps go four at a time through each output row: one pass per row for a crop.
 void CombineRows(const RowTaps& taps, const float* in, int64_t first_row, int64_t in_stride,
                  int64_t columns, float* out) {
   for (int64_t o = 0; o < taps.outputs; ++o) {
@@ -199,8 +205,9 @@ Source Of(const Planes& image) {
   return {image.data.data(), image.rows(), image.columns(), image.transposed, false};
 }
 
-// Bicubic resize of the box [top, top + box_height) x [left, left + box_width) of `image` to
-// height x width, clipped to [0, 1] (the cubic overshoots), into `out` with the other layout.
+// The box [top, top + box_height) x [left, left + box_width) of `image` resized alone (bicubic,
+// as tf.image.resize) to height x width, clipped to [0, 1] (the cubic overshoots), into `out`
+// with the other layout.
 void CropAndResize(const Source& image, const float* box, int64_t height, int64_t width,
                    Planes& out, Workspace& work) {
   // The stored rows' axis first, resized along the columns of the storage; then the other.
@@ -208,8 +215,8 @@ void CropAndResize(const Source& image, const float* box, int64_t height, int64_
   const float* outer_box = rows_are_y ? box : box + 1;  // start, then length 2 further on
   const float* inner_box = rows_are_y ? box + 1 : box;
   const int64_t outer_size = rows_are_y ? height : width, inner_size = rows_are_y ? width : height;
-  work.outer_taps.Bicubic(outer_box[0], outer_box[2], image.rows, outer_size);
-  work.inner_taps.Bicubic(inner_box[0], inner_box[2], image.columns, inner_size);
+  work.outer_taps.Bicubic(outer_box[0], outer_box[2], outer_size);
+  work.inner_taps.Bicubic(inner_box[0], inner_box[2], inner_size);
   const int64_t inner_begin = work.inner_taps.begin();
   const int64_t inner_read = work.inner_taps.end() - inner_begin;
   work.rows.resize(3 * outer_size * inner_read);

@@ -36,18 +36,20 @@ def _option(option: str) -> _Option:
   return OPTIONS[option]
 
 
-def resolve_backend(option: str, choice: str) -> str:
-  """The backend `choice` of config field `option`, resolved: 'auto' is the native default on
-  the CPU backend when the kernels can run, else the portable one, logging why on CPU. Raises
-  ValueError for an unknown choice or a native one that cannot run here."""
+def resolve_backend(option: str, choice: str, platform: str | None = None) -> str:
+  """The backend `choice` of config field `option`, resolved for `platform` (default: this
+  run's JAX backend; e.g. 'tpu' when lowering for one from a CPU): 'auto' is the native default
+  on the CPU platform when the kernels can run, else the portable one, logging why on CPU.
+  Raises ValueError for an unknown choice or a native one that cannot run there."""
   spec = _option(option)
   if choice not in spec.choices:
     raise ValueError(f"{option}={choice!r}; allowed: {', '.join(spec.choices)}")
   if choice == spec.portable:
     return choice
-  on_cpu = jax.default_backend() == "cpu"
+  platform = platform or jax.default_backend()
+  on_cpu = platform == "cpu"
   reason = (spec.kernels.unavailable_reason() if on_cpu else
-            f"the kernels run on the CPU backend only; this run's is {jax.default_backend()!r}")
+            f"the kernels run on the CPU backend only; this run's is {platform!r}")
   if choice == "auto":
     if reason is not None and on_cpu:
       logging.warning("%s='auto' uses %s: %s", option, spec.fallback, reason)

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the non-interactive backen
 
 # (panel title, y label, [(metric name, legend label)]); metrics absent from a run are skipped.
 PANELS = (
-    ("NT-Xent loss", "loss", [("loss", "contrastive loss")]),
+    ("NT-Xent loss", "loss", [("loss", "optimised (official scale: both directions summed)"),
+                              ("contrastive_loss_per_anchor", "per anchor (the paper's)")]),
     ("Accuracy", "top-1", [("contrastive_accuracy", "contrastive (view matching)"),
                            ("probe_top1", "online linear probe (train)"),
                            ("knn_top1", "k-NN (held-out)")]),
