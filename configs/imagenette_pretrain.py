@@ -28,7 +28,7 @@ from configs import imagenet_pretrain
 
 DATASET = "imagenette/160px-v2"
 IMAGE_SIZE = 64
-NUM_EPOCHS = 40.0
+NUM_EPOCHS = 45.0
 
 
 def cpu() -> ml_collections.ConfigDict:
