@@ -100,3 +100,14 @@ def shard_step(step_on_shard: Callable, mesh: jax.sharding.Mesh) -> Callable:
     return sharded(state, batch["image"], batch["index"], batch["label"])
 
   return jax.jit(step, donate_argnums=0)
+
+
+def vary_over_data(tree: Any) -> Any:
+  """Every leaf of a replicated tree cast to vary over DATA_AXIS (inside `shard_map`).
+
+  shard_map's autodiff sums a replicated parameter's gradient over the devices where the
+  parameter first meets per-device values. With a bfloat16 compute dtype that is after the
+  model's cast of the float32 kernel, so the sum would run in bfloat16; casting the float32
+  parameters first keeps every gradient sum in float32, as the official code's.
+  """
+  return jax.tree.map(lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying"), tree)

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_jax import augment
+from simclr_jax.augment import geometry
 from tests.helpers import CROP_AND_RESIZE_CASES, tf_crop_and_resize
 
 TOLERANCE = 1e-4  # max abs error against tf.image
@@ -219,7 +220,7 @@ def crop_formulation(request, monkeypatch):
   """crop_and_resize runs its CPU formulation here; the other one is tested by routing the CPU
   branch to it."""
   if request.param.startswith("gathers"):
-    monkeypatch.setattr(augment, "_resize_by_matmuls", augment._resize_by_gathers)
+    monkeypatch.setattr(geometry, "_resize_by_matmuls", geometry._resize_by_gathers)
   return request.param
 
 

@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory) -> str:
 
 def _train(data_dir, **overrides):
   arguments = dict(data_dir=data_dir, split="train[:600]", global_batch_size=64, image_size=32,
-                   host_crop_views=0, seed=7, mesh=_mesh(8))
+                   host_crop_views=0, host_crop=input_pipeline.HostCrop(), seed=7, mesh=_mesh(8))
   return input_pipeline.create_train_iterator(DATASET, **{**arguments, **overrides})
 
 
@@ -196,7 +196,7 @@ def test_image_folder_with_grayscale_rgba_and_odd_sizes(image_folder):
   assert info.image_shape is None
   batch, = _take(input_pipeline.create_train_iterator(
       image_folder, data_dir=None, split="train", global_batch_size=8, image_size=16,
-      host_crop_views=2, seed=0, mesh=_mesh(8)), 1)
+      host_crop_views=2, host_crop=input_pipeline.HostCrop(), seed=0, mesh=_mesh(8)), 1)
   assert batch["image"].shape == (8, 2, 16, 16, 3) and batch["image"].dtype == np.uint8
   gray = batch["image"][batch["index"] == 0]  # sorted by class then name: a/gray.png is 0
   assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()

@@ -198,6 +198,10 @@ def test_pretraining_step_lowers_for_gpu_and_tpu_with_its_collectives(pretrain):
   # over the devices; the replicated parameters' gradients summed, e.g. the online probe's.
   assert reduced["tensor<1x1x1x64xf32>"] > 0 and reduced["tensor<1x1x1x2048xf32>"] > 0
   assert reduced[f"tensor<2048x{IMAGENET_CLASSES}xf32>"] > 0
+  # Gradients are summed in float32 although the model computes in bfloat16 (the official code
+  # sums float32 gradients): the conv kernels' [7, 7, 3, 64] ... [1, 1, 512, 2048] sums.
+  assert reduced["tensor<7x7x3x64xf32>"] > 0 and reduced["tensor<1x1x512x2048xf32>"] > 0
+  assert not [operand for operand in reduced if "bf16" in operand], reduced
   assert counts["all_to_all"] == counts["collective_permute"] == 0
 
 
@@ -271,6 +275,7 @@ def test_finetune_step_lowers_with_global_batch_norm(mesh):
   reduced = all_reduce_types(text)
   assert reduced["tensor<1x1x1x64xf32>"] > 0  # global batch norm moments
   assert reduced[f"tensor<2048x{IMAGENET_CLASSES}xf32>"] > 0  # the head's gradient
+  assert not [operand for operand in reduced if "bf16" in operand], reduced  # float32 sums
   assert counts["all_gather"] == counts["reduce_scatter"] == 0  # no contrastive loss here
 
 

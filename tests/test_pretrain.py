@@ -37,16 +37,19 @@ DATASET = "synthetic_shapes"
 # 3.6e-8, 5.6e-6). A wrong reduction (a missed or doubled device) is O(1).
 DEVICE_COUNT_RTOL = 1e-4
 # oneDNN's float32 convolutions on 8 devices against XLA's on one: also only the summation order
-# differs, but inside every convolution too. Measured after three LARS steps: 1.9e-6 (parameter
-# updates); other CPUs may get other oneDNN kernels, hence the margin. A wrong gradient is O(1).
-ONEDNN_FLOAT32_RTOL = 1e-4
+# differs, but inside every convolution too. Measured after three LARS steps: 1.5e-4 (parameter
+# updates; 1.9e-6 before the loss took the official scale, whose untrusted BN steps are twice as
+# long, and the crops their tf.image resize); other CPUs may get other oneDNN kernels, hence the
+# margin. A wrong gradient is O(1).
+ONEDNN_FLOAT32_RTOL = 1e-3
 # oneDNN bfloat16 convolutions against XLA's float32 ones (each convolution's exactness is tested in
-# test_onednn_conv): losses and gradient norms agree to ~5e-3. After three LARS steps of this tiny
-# network, whose batch norm divides by the spread of a few 8-16-channel maps, the rounding moves
-# the parameter updates by 10% over all, within BFLOAT16_STATE_RTOL. A wrong gradient (zero,
-# transposed, of the wrong view) moves them by 100% or more.
-BFLOAT16_METRIC_RTOL = 1e-2
-BFLOAT16_STATE_RTOL = 0.25
+# test_onednn_conv): losses and gradient norms agree to ~2e-2 (~5e-3 before the official loss
+# scale doubled the untrusted BN steps). After three LARS steps of this tiny network, whose batch
+# norm divides by the spread of a few 8-16-channel maps, the rounding moves the parameter updates
+# by 28% over all (10% before), within BFLOAT16_STATE_RTOL. A wrong gradient (zero, transposed,
+# of the wrong view) moves them by 100% or more.
+BFLOAT16_METRIC_RTOL = 4e-2
+BFLOAT16_STATE_RTOL = 0.5
 
 
 @pytest.fixture(scope="module")

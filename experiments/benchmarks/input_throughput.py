@@ -57,7 +57,7 @@ def main() -> None:
                 image_size=args.image_size, mesh=mesh)
   train = lambda views, start_step=0: lambda: input_pipeline.create_train_iterator(
       args.dataset, split=args.split, host_crop_views=views, seed=0, start_step=start_step,
-      **common)
+      host_crop=input_pipeline.HostCrop(), **common)
   evaluation = lambda: input_pipeline.create_eval_iterator(
       args.dataset, split=args.eval_split, **common)
   num_eval_batches = len(evaluation())

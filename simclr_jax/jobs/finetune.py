@@ -131,8 +131,8 @@ def make_finetune_step(classifier: models.Classifier, optimizer: optax.GradientT
 
     def loss_fn(params):
       (logits, _), updated = classifier.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          stop_gradient_after_block=fine_tune_after_block, mutable=["batch_stats"])
+          {"params": sharding.vary_over_data(params), "batch_stats": state.batch_stats}, images,
+          train=True, stop_gradient_after_block=fine_tune_after_block, mutable=["batch_stats"])
       metrics = losses.classification_metrics(logits, labels, axis_name=DATA_AXIS)
       return metrics["loss"], (metrics, updated["batch_stats"])
 

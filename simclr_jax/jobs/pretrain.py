@@ -135,11 +135,12 @@ def make_train_step(model: models.SimCLRModel, optimizer: optax.GradientTransfor
   `model` must have `axis_name=DATA_AXIS`. Metrics are replicated float32 scalars.
   """
   loss_fn = make_loss_fn(model, temperature=temperature, axis_name=DATA_AXIS)
+  loss_of_replicated = lambda params, *args: loss_fn(sharding.vary_over_data(params), *args)
 
   def step_on_shard(state: loop.TrainState, images, indices, labels):
     views = augment.augment_batch(augment_view, images, indices, state.rng, state.step,
                                   num_views=2)
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+    grads, (metrics, batch_stats) = jax.grad(loss_of_replicated, has_aux=True)(
         state.params, state.batch_stats, views, labels)
     new_state = state.apply_gradients(optimizer, grads, batch_stats)
     metrics.update(learning_rate=learning_rate_fn(state.step), grad_norm=optax.global_norm(grads),
