@@ -29,6 +29,7 @@ from configs import imagenet_pretrain
 DATASET = "imagenette/160px-v2"
 IMAGE_SIZE = 64
 NUM_EPOCHS = 45.0
+CROP_AREA_MIN = 0.08  # the official random-resized-crop sampling
 
 
 def cpu() -> ml_collections.ConfigDict:
@@ -36,6 +37,7 @@ def cpu() -> ml_collections.ConfigDict:
   config.dataset = DATASET
   config.eval_split = "validation"
   config.image_size = IMAGE_SIZE
+  config.augment.random_resized_crop = dict(area_min=CROP_AREA_MIN)
   config.model = common.model_config(18, 0.5, cifar_stem=False)
   config.dtype = "float32"   # bfloat16 operands come from the convolution backend
   config.conv_backend = "onednn_bf16"
