@@ -18,8 +18,8 @@ from configs import cifar10_finetune
 from configs import common
 from configs import imagenette_pretrain
 
-# Passes over train the budget reaches at the rate measured on the shared machine (one view per
-# image, so about twice the pretraining's images/s).
+# Passes over train that fit the budget on a shared 2-core machine (one view per image: about
+# twice the pretraining's images/s).
 NUM_EPOCHS = 80.0
 
 

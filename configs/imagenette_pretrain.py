@@ -17,9 +17,9 @@ decay. `cpu` shrinks it to what 25 minutes on 2 cores reach:
   views give it with the CIFAR stem; the probes read the 87.5% centre crop at the same size.
 - A small batch, so the paper's square-root LR scaling (0.075 * sqrt(B)), a short warmup, and
   tau = 0.2 (cifar10_pretrain.py:cpu's choice for small batches and short runs).
-- A cosine of NUM_EPOCHS epochs, the length the budget reaches at the rate measured on the
-  shared machine; the rates, epochs reached and the alternatives tried are in
-  experiments/results/imagenette_cpu_25min.md.
+- A cosine of NUM_EPOCHS epochs, sized to a 2-core machine shared with other jobs, whose budget
+  covers most of it (an idle machine finishes it inside the budget). Rates, epochs reached,
+  accuracies and the alternatives tried: experiments/results/imagenette_cpu_25min.md.
 """
 import ml_collections
 
