@@ -21,6 +21,7 @@ import pytest
 from configs import cifar100_pretrain
 from configs import cifar10_pretrain
 from configs import imagenet_pretrain
+from configs import imagenette_pretrain
 from configs import quickstart
 from configs import smoke_pretrain
 from simclr_jax import augment
@@ -40,11 +41,13 @@ RECIPES = {
     cifar10_pretrain: ("r18", "r50", "cpu", "smoke"),
     cifar100_pretrain: ("r18", "r50", "cpu", "smoke"),
     imagenet_pretrain: ("r50_100ep", "r50_1000ep", "smoke"),
+    imagenette_pretrain: ("cpu", "smoke"),
     smoke_pretrain: ("cifar10", "cifar100", "imagenet"),
     quickstart: ("default",),
 }
 PREPARED_SPLITS = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
-                   "imagenet2012": ("train", "validation")}
+                   "imagenet2012": ("train", "validation"),
+                   "imagenette/160px-v2": ("train", "validation")}
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ from configs import cifar10_linear_probe
 from configs import cifar10_pretrain
 from configs import imagenet_finetune
 from configs import imagenet_linear_probe
+from configs import imagenette_finetune
+from configs import imagenette_linear_probe
+from configs import imagenette_pretrain
 from configs import smoke_pretrain
 from configs import transfer_linear_probe
 from simclr_jax import export
@@ -409,6 +412,20 @@ def test_dataset_without_labels_is_a_clear_error(random_export, tmp_path):
     finetune.run(config, str(tmp_path / "finetune"))
 
 
+def test_imagenette_baselines_and_probes_describe_the_pretrained_network():
+  pretraining = imagenette_pretrain.get_config("cpu")
+  supervised_config = imagenette_finetune.get_config("cpu_supervised")
+  assert supervised_config.from_scratch and supervised_config.label_fraction == 1.0
+  assert supervised_config.max_train_minutes == pretraining.max_train_minutes == 25
+  for config in (supervised_config, imagenette_linear_probe.get_config("cpu"),
+                 imagenette_linear_probe.get_config("cifar10_cpu")):
+    assert config.model == pretraining.model
+    assert config.image_size == pretraining.image_size  # the size the encoder was trained at
+    assert config.conv_backend == pretraining.conv_backend
+  assert imagenette_linear_probe.get_config("cpu").probe_protocol == "lbfgs"
+  assert imagenette_linear_probe.get_config("cpu").dataset == pretraining.dataset
+
+
 @pytest.mark.parametrize("module,variants", [
     (cifar10_linear_probe, ["r18", "r18_lbfgs", "cpu", "smoke"]),
     (cifar10_finetune, ["100pct", "10pct", "1pct", "100pct_scratch", "10pct_scratch",
@@ -416,6 +433,8 @@ def test_dataset_without_labels_is_a_clear_error(random_export, tmp_path):
     (transfer_linear_probe, ["cifar100", "tf_flowers", "imagenette", "stl10", "smoke"]),
     (imagenet_linear_probe, ["r50", "r50_lbfgs", "smoke"]),
     (imagenet_finetune, ["1pct", "10pct", "100pct", "1pct_scratch", "smoke"]),
+    (imagenette_linear_probe, ["cpu", "cifar10_cpu", "smoke"]),
+    (imagenette_finetune, ["cpu_supervised", "smoke"]),
 ])
 def test_recipes_build_and_name_their_variants(module, variants):
   for variant in variants:
