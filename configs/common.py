@@ -202,6 +202,21 @@ def evaluation_config(mode: str, *, base_learning_rate: float, global_batch_size
   return config
 
 
+def on_pretraining_network(config: ml_collections.ConfigDict,
+                           pretraining: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """An evaluation `config` on a pretraining recipe's data and network: its dataset and eval
+  split, image size, model, compute dtype and convolutions; one crop per image on the host where
+  the pretraining cropped there (image sizes vary)."""
+  config.dataset = pretraining.dataset
+  config.eval_split = pretraining.eval_split
+  config.image_size = pretraining.image_size
+  config.host_crop_views = 1 if pretraining.host_crop_views else 0
+  config.model = pretraining.model
+  config.dtype = pretraining.dtype
+  config.conv_backend = pretraining.conv_backend
+  return config
+
+
 def shrink_evaluation_to_smoke(config: ml_collections.ConfigDict, *,
                                num_train_steps: int) -> ml_collections.ConfigDict:
   """An evaluation recipe's smoke form: smoke_pretrain's tiny encoder on generated data."""

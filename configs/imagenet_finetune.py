@@ -23,15 +23,9 @@ LABEL_FRACTIONS = {"1pct": (0.01, 60.0), "10pct": (0.1, 30.0), "100pct": (1.0, 3
 
 def imagenet_finetune(fraction: float, epochs: float, *,
                       from_scratch: bool) -> ml_collections.ConfigDict:
-  config = cifar10_finetune.finetune_config(fraction, num_epochs=epochs, global_batch_size=4096,
-                                            from_scratch=from_scratch)
-  recipe = imagenet_pretrain.get_config()
-  config.dataset = "imagenet2012"
-  config.eval_split = "validation"
-  config.image_size = recipe.image_size
-  config.host_crop_views = 1
-  config.model = recipe.model
-  config.dtype = recipe.dtype
+  config = common.on_pretraining_network(
+      cifar10_finetune.finetune_config(fraction, num_epochs=epochs, global_batch_size=4096,
+                                       from_scratch=from_scratch), imagenet_pretrain.get_config())
   config.log_every_steps = 50
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000

@@ -19,14 +19,8 @@ from configs import imagenet_pretrain
 
 
 def imagenet_probe(protocol: str) -> ml_collections.ConfigDict:
-  config = cifar10_linear_probe.probe_config(protocol)
-  recipe = imagenet_pretrain.get_config()
-  config.dataset = "imagenet2012"
-  config.eval_split = "validation"
-  config.image_size = recipe.image_size
-  config.host_crop_views = 1
-  config.model = recipe.model
-  config.dtype = recipe.dtype
+  config = common.on_pretraining_network(cifar10_linear_probe.probe_config(protocol),
+                                        imagenet_pretrain.get_config())
   config.global_batch_size = 4096
   config.num_epochs = 90.0
   config.log_every_steps = 100

@@ -25,14 +25,9 @@ NUM_EPOCHS = 80.0
 
 def cpu_supervised() -> ml_collections.ConfigDict:
   pretraining = imagenette_pretrain.cpu()
-  config = cifar10_finetune.finetune_config(1.0, num_epochs=NUM_EPOCHS, global_batch_size=128,
-                                            from_scratch=True)
-  config.dataset = pretraining.dataset
-  config.eval_split = pretraining.eval_split
-  config.image_size = pretraining.image_size
-  config.host_crop_views = 1
-  config.model = pretraining.model
-  config.conv_backend = pretraining.conv_backend
+  config = common.on_pretraining_network(
+      cifar10_finetune.finetune_config(1.0, num_epochs=NUM_EPOCHS, global_batch_size=128,
+                                       from_scratch=True), pretraining)
   config.optimizer.base_learning_rate = 0.2
   config.optimizer.weight_decay = 5e-4
   config.max_train_minutes = pretraining.max_train_minutes

@@ -24,13 +24,11 @@ from configs import transfer_linear_probe
 
 def cpu(dataset: str, train_split: str, eval_split: str) -> ml_collections.ConfigDict:
   pretraining = imagenette_pretrain.cpu()
-  config = transfer_linear_probe.transfer_config("imagenette")
+  config = common.on_pretraining_network(transfer_linear_probe.transfer_config("imagenette"),
+                                        pretraining)
   config.dataset = dataset
   config.train_split = train_split
   config.eval_split = eval_split
-  config.image_size = pretraining.image_size
-  config.model = pretraining.model
-  config.conv_backend = pretraining.conv_backend
   return config
 
 

@@ -22,3 +22,26 @@ class Evaluator(abc.ABC):
   @abc.abstractmethod
   def run(self, state: Any) -> Mapping[str, float]:
     """Metrics of `state`, the same on every process."""
+
+
+class RepresentationEvaluator(Evaluator):
+  """An evaluator of a representation on a train and an eval split (k-NN, L-BFGS).
+
+  `config` is its `config.evals` block: every_steps, at_start, train_examples and eval_examples
+  (0 = the whole split) and its own fields; `representations` (a `features.SplitFeatures`)
+  extracts a split once per state for every evaluator that shares it.
+  """
+
+  def __init__(self, config: Mapping[str, Any], representations: Any, *, train_split: str,
+               eval_split: str, num_classes: int):
+    self.every_steps = config["every_steps"]
+    self.at_start = config["at_start"]
+    self._config = config
+    self._representations = representations
+    self._splits = (train_split, eval_split)
+    self._num_classes = num_classes
+
+  def _train_and_eval(self, state: Any) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """The representations (and labels) of the train and eval examples this evaluator uses."""
+    return tuple(self._representations(state, split, max_examples=self._config[limit])
+                 for split, limit in zip(self._splits, ("train_examples", "eval_examples")))

@@ -6,14 +6,13 @@ class with the largest total wins. Test features are processed in chunks, so mem
 O(chunk_size * num_train) whatever the test set size.
 """
 import functools
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simclr_jax import features
-from simclr_jax.evaluators import Evaluator
+from simclr_jax.evaluators import RepresentationEvaluator
 from simclr_jax.losses import l2_normalize
 
 
@@ -103,27 +102,12 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *, nu
   return correct / num_test
 
 
-class KnnEvaluator(Evaluator):
-  """k-NN top-1 of a representation: a memory bank of train examples, held-out queries.
-
-  `config` is a `config.evals.knn` block: every_steps, at_start, k, temperature, train_examples and
-  eval_examples (0 = the whole split).
-  """
-
-  def __init__(self, config: Mapping[str, Any], representations: features.SplitFeatures, *,
-               train_split: str, eval_split: str, num_classes: int):
-    self.every_steps = config["every_steps"]
-    self.at_start = config["at_start"]
-    self._config = config
-    self._representations = representations
-    self._splits = (train_split, eval_split)
-    self._num_classes = num_classes
+class KnnEvaluator(RepresentationEvaluator):
+  """k-NN top-1 of a representation: a memory bank of train examples, held-out queries
+  (`config.evals.knn`: k and temperature beside the common fields)."""
 
   def run(self, state: Any) -> dict[str, float]:
-    train = self._representations(state, self._splits[0],
-                                  max_examples=self._config["train_examples"])
-    test = self._representations(state, self._splits[1],
-                                 max_examples=self._config["eval_examples"])
+    train, test = self._train_and_eval(state)
     return {"knn_top1": knn_accuracy(train["outputs"], train["labels"], test["outputs"],
                                      test["labels"], num_classes=self._num_classes,
                                      k=self._config["k"],

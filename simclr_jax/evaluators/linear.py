@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from simclr_jax import features
-from simclr_jax.evaluators import Evaluator
+from simclr_jax.evaluators import RepresentationEvaluator
 
 # A feature whose standard deviation is below this is constant (e.g. a dead ReLU channel): it is
 # centred but not scaled, so it stays 0 instead of becoming noise / 0.
@@ -145,7 +145,7 @@ def fit_transfer_probe(features: np.ndarray, labels: np.ndarray, *, num_classes:
                        iterations=int(iterations))
 
 
-class LinearEvaluator(Evaluator):
+class LinearEvaluator(RepresentationEvaluator):
   """The transfer protocol on a representation: top-1 on the eval split of an L-BFGS probe fit on
   train features; the fitted probe stays in `last_probe` (a probe job exports it).
 
@@ -156,19 +156,14 @@ class LinearEvaluator(Evaluator):
 
   def __init__(self, config: Mapping[str, Any], representations: features.SplitFeatures, *,
                train_split: str, eval_split: str, num_classes: int, seed: int):
-    self.every_steps = config["every_steps"]
-    self.at_start = config["at_start"]
-    self._config = config
-    self._representations = representations
-    self._splits = (train_split, eval_split)
-    self._num_classes = num_classes
+    super().__init__(config, representations, train_split=train_split, eval_split=eval_split,
+                     num_classes=num_classes)
     self._seed = seed
     self.last_probe: TransferProbe | None = None
 
   def run(self, state: Any) -> dict[str, float]:
     config = self._config
-    train = self._representations(state, self._splits[0], max_examples=config["train_examples"])
-    test = self._representations(state, self._splits[1], max_examples=config["eval_examples"])
+    train, test = self._train_and_eval(state)
     probe = fit_transfer_probe(
         train["outputs"], train["labels"], num_classes=self._num_classes,
         l2_grid=np.geomspace(config["l2_min"], config["l2_max"], config["l2_num"]),
