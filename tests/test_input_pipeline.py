@@ -376,7 +376,8 @@ def test_cmyk_16_bit_rgba_and_one_pixel_images_are_converted_to_rgb(tmp_path):
   rgb = np.kron(rng.integers(0, 256, (4, 4, 3), np.uint8), np.ones((4, 4, 1), np.uint8))
   rgba = rng.integers(0, 256, (16, 16, 4), np.uint8)
   gray16 = rng.integers(0, 2**16, (16, 16)).astype(np.uint16)
-  files = {"cmyk.jpg": _encoded(rgb, "JPEG", "CMYK", quality=95), "gray16.png": _encoded(gray16, "PNG"),
+  files = {"cmyk.jpg": _encoded(rgb, "JPEG", "CMYK", quality=95),
+           "gray16.png": _encoded(gray16, "PNG"),
            "rgba.png": _encoded(rgba, "PNG"), "pixel.png": _encoded(rgb[:1, :1], "PNG")}
   (tmp_path / "test" / "a").mkdir(parents=True)
   for name, encoded in files.items():

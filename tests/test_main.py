@@ -244,7 +244,8 @@ def test_quickstart_is_quiet_and_ends_with_pretrained_against_random_init(env, t
 
 
 def checkpointed_state(workdir, step):
-  return checkpointing.read_state_as_numpy(os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
+  return checkpointing.read_state_as_numpy(
+      os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
 
 
 def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_dir, tmp_path,
@@ -278,7 +279,8 @@ def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_d
   with open(os.path.join(uninterrupted, workdir_files.RESULTS_FILE)) as f:
     results = json.load(f)
   assert results["step"] == 24 and np.isfinite(results["loss"])
-  for name in (workdir_files.METRICS_FILE, workdir_files.LOSS_CURVE_FILE, workdir_files.CONFIG_FILE, workdir_files.EXPORT_DIR):
+  for name in (workdir_files.METRICS_FILE, workdir_files.LOSS_CURVE_FILE,
+               workdir_files.CONFIG_FILE, workdir_files.EXPORT_DIR):
     assert os.path.exists(os.path.join(uninterrupted, name)), name
   stopped_at, = [int(step) for step in os.listdir(os.path.join(interrupted,
                                                                workdir_files.CHECKPOINT_DIR))]

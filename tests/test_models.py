@@ -87,7 +87,8 @@ def test_feature_shapes_for_every_depth(depth):
   for group, (size, channels) in enumerate([(16, 8), (8, 16), (4, 32), (2, 64)], start=1):
     assert features[f"block{group}"].shape == (2, size, size, expansion * channels)
   assert features["h"].shape == (2, 64 * expansion) and features["h"].dtype == jnp.float32
-  assert models.ModelConfig(depth=depth, width_multiplier=0.125).representation_dim() == 64 * expansion
+  config = models.ModelConfig(depth=depth, width_multiplier=0.125)
+  assert config.representation_dim() == 64 * expansion
 
 
 def test_cifar_stem_keeps_the_resolution_and_widths_round():

@@ -115,7 +115,8 @@ def train_run(workdir, data_dir, num_processes, environments, knn_every_steps=0)
 
 
 def state_at(workdir, step):
-  return checkpointing.read_state_as_numpy(os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
+  return checkpointing.read_state_as_numpy(
+      os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
 
 
 def assert_same_run(workdir, reference):

@@ -1,15 +1,14 @@
 """Two pretraining updates of a whole ResNet equal the official code's, computed independently.
 
-Our side: `jobs.pretrain.make_loss_fn` (NT-Xent + the online probe) differentiated by JAX,
-stepped by `optim.create_optimizer('lars', ...)`. Official side, written here from google-research/simclr:
-the loss of `objective.py add_contrastive_loss` (both directions' softmax cross-entropies with
-the self-similarity pushed down by LARGE_NUM, each a mean over the N images, summed) through the
-same model, and the update of `lars_optimizer.py` (classic momentum) in NumPy. Both run in
-float64, so they agree to rounding: a loss at half the official scale would move the batch-norm
-and bias leaves (no trust ratio) by half, and a trust ratio or weight decay off by anything
-would move the kernels. (The previous recipe, the paper's per-anchor mean with half the official
-weight decay, gives the kernels the same first update, to 4e-14, and every batch-norm parameter
-exactly half of it.)
+Our side: `jobs.pretrain.make_loss_fn` (NT-Xent + the online probe) differentiated by JAX, stepped
+by `optim.create_optimizer('lars', ...)`. Official side, written here from google-research/simclr:
+the loss of `objective.py add_contrastive_loss` (both directions' softmax cross-entropies with the
+self-similarity pushed down by LARGE_NUM, each a mean over the N images, summed) through the same
+model, and the update of `lars_optimizer.py` (classic momentum) in NumPy. Both run in float64, so
+they agree to rounding: a loss at half the official scale would move the batch-norm and bias leaves
+(no trust ratio) by half, and a trust ratio or weight decay off by anything would move the kernels.
+(The previous recipe, the paper's per-anchor mean with half the official weight decay, gives the
+kernels the same first update, to 4e-14, and every batch-norm parameter exactly half of it.)
 
 The online probe (`linear_head`) is left out: the official TF1 pretraining has none, and our
 trainer steps it with an optimizer of its own (`optim.with_probe_optimizer`).

@@ -185,7 +185,8 @@ def test_online_probe_cannot_change_the_encoder(one_and_eight_devices, data_dir)
 
 
 def state_at(workdir, step):
-  return checkpointing.read_state_as_numpy(os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
+  return checkpointing.read_state_as_numpy(
+      os.path.join(workdir, workdir_files.CHECKPOINT_DIR), step)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +291,8 @@ def test_nan_stops_the_run_naming_step_and_metric_and_keeps_the_last_good_checkp
   config = smoke_config(data_dir, num_train_steps=8, checkpoint_every_steps=2, log_every_steps=4)
   with pytest.raises(FloatingPointError, match=r"grad_norm is nan at step 5.*step 4"):
     pretrain.run(config, str(tmp_path))
-  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / workdir_files.CHECKPOINT_DIR), keep=3)
+  checkpointer = checkpointing.TrainCheckpointer(str(tmp_path / workdir_files.CHECKPOINT_DIR),
+                                                 keep=3)
   assert checkpointer.all_steps() == [2, 4]  # step 6 was never saved
   checkpointer.close()
   assert not os.path.exists(tmp_path / workdir_files.EXPORT_DIR)
@@ -318,8 +320,8 @@ def test_time_budget_ends_the_run_with_checkpoint_export_and_results(data_dir, t
   monkeypatch.setattr(pretrain, "make_train_step", lambda *args, **kwargs: FakeStep(
       lambda step: time.sleep(0.25) or {}))
   exported_steps = []
-  monkeypatch.setattr(pretrain, "export_state", lambda workdir, config, state: exported_steps.append(
-      int(state.step)))
+  monkeypatch.setattr(pretrain, "export_state",
+                      lambda workdir, config, state: exported_steps.append(int(state.step)))
   config = smoke_config(data_dir, num_train_steps=1000, checkpoint_every_steps=100,
                         max_train_minutes=1.0 / 60)
   results = pretrain.run(config, str(tmp_path))
