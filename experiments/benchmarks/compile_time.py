@@ -7,10 +7,10 @@ Every sweep run pays this before its first step. For each model (depth:width, CI
 trainer's update step (simclr_jax.jobs.pretrain.make_train_step, built as in train_step.py but
 with the CIFAR augmentation on device, as pretraining runs it) is traced and lowered
 (`jit(...).lower`), compiled by XLA cold, then lowered and compiled again after
-`jax.clear_caches()` with JAX's persistent compilation cache on (a fresh temporary directory): what a resumed or repeated
-identical run gets when `jax_compilation_cache_dir` is set. Times are wall and (in brackets) this
-process's CPU seconds; ratios are of CPU time against the first model's cold compile, measured in
-the same run.
+`jax.clear_caches()` with JAX's persistent compilation cache on (a fresh temporary directory):
+what a resumed or repeated identical run gets when `jax_compilation_cache_dir` is set. Times are
+wall and (in brackets) this process's CPU seconds; ratios are of CPU time against the first
+model's cold compile, measured in the same run.
 """
 import argparse
 import datetime
