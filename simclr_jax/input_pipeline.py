@@ -396,10 +396,10 @@ def train_iterator_from_config(config: Any, *, mesh: jax.sharding.Mesh, start_st
                                ) -> Iterator[dict[str, jax.Array]]:
   """`create_train_iterator` with a job config's data fields (dataset, data_dir, train_split,
   batch, image size, host crops as `config.augment` samples them, seed, data_shards: 0 = one
-  stream per process)."""
+  stream per process, create_train_iterator's default)."""
   return create_train_iterator(
       config.dataset, data_dir=config.data_dir or None, split=config.train_split,
       global_batch_size=config.global_batch_size, image_size=config.image_size,
       host_crop_views=config.host_crop_views, seed=config.seed, start_step=start_step,
-      mesh=mesh, subset=subset, data_shards=config.data_shards or jax.process_count(),
+      mesh=mesh, subset=subset, data_shards=config.data_shards or None,
       host_crop=HostCrop.from_augment_config(config.augment) if config.host_crop_views else None)

@@ -20,7 +20,6 @@ from configs import cifar10_finetune
 from configs import cifar10_linear_probe
 from configs import smoke_pretrain
 from simclr_jax import checkpointing
-from simclr_jax import input_pipeline
 from simclr_jax import loop
 from simclr_jax import workdir_files
 from simclr_jax.jobs import finetune
@@ -33,13 +32,6 @@ STEPS = 8
 SCHEDULE = dict(num_train_steps=STEPS, checkpoint_every_steps=2, log_every_steps=2,
                 global_batch_size=32)
 SPLITS = dict(train_split="train[:256]", eval_split="test[:64]")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_info("synthetic_shapes", data_dir=directory)
-  return directory
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,6 @@ PREPARED_SPLITS = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
                    "imagenette/160px-v2": ("train", "validation")}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_info("synthetic_shapes", data_dir=directory)
-  return directory
-
-
 def run_main(args, *, env, wait=True, output=subprocess.PIPE):
   """The finished run, or (`wait=False`) the running process, its log going to `output`."""
   command = [sys.executable, "-m", "simclr_jax.main"] + args

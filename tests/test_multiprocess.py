@@ -64,13 +64,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_info("synthetic_shapes", data_dir=directory)
-  return directory
-
-
-@pytest.fixture(scope="module")
 def environments(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("xla_cache"))
   base = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,

@@ -52,13 +52,6 @@ BFLOAT16_METRIC_RTOL = 4e-2
 BFLOAT16_STATE_RTOL = 0.5
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_info(DATASET, data_dir=directory)  # generates it once
-  return directory
-
-
 def smoke_config(data_dir: str, **overrides):
   config = smoke_pretrain.get_config()
   config.data_dir = data_dir

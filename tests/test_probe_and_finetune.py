@@ -61,13 +61,6 @@ def one_device_mesh():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_info(DATASET, data_dir=directory)  # generates it once
-  return directory
-
-
-@pytest.fixture(scope="module")
 def pretrained_export(data_dir, tmp_path_factory) -> str:
   """The trainer on the smoke model for PRETRAIN_STEPS steps on one device; its export.
 
