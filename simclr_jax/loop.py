@@ -41,8 +41,6 @@ from simclr_jax import workdir_files
 
 # Exit status of a run stopped by SIGTERM (128 + SIGTERM), so schedulers see it did not finish.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
-# Run-record keys where a mismatch changes the run's input order but not its validity.
-_WARN_ONLY_KEYS = ("data_shards", "total_steps")
 # Prefix of the evaluators' scores of the initial state, in run records and results.
 INITIAL_PREFIX = "initial_"
 FITTED_TOTAL_STEPS = time_budget.FITTED_TOTAL_STEPS
