@@ -1,14 +1,16 @@
 r"""Results table and plot of a sweep: one row per run, its swept values and final metrics.
 
   python experiments/aggregate.py SWEEP_DIR [--sort=probe/top1] [--ascending] [--metric=...]
-      [--columns=loss,knn_top1,probe/top1] [--out=DIR]
+      [--columns=loss,knn_top1,probe/top1] [--over=seed] [--out=DIR]
 
 Reads `SWEEP_DIR/sweep.json` (written by experiments/sweep.py: the runs and their swept values)
 and each run's `results.json` (and `probe/results.json`, whose metrics get a `probe/` prefix).
 Without a manifest every subdirectory holding a results.json is a run. Writes `results.md`
 (markdown table), `results.csv` (full precision) and `results.png` (the metric against each
 swept value, one line per combination of the other swept values) into --out (default SWEEP_DIR).
-Runs that have not finished appear with their status and empty metrics.
+Runs that have not finished appear with their status and empty metrics. `--over=KEY` (e.g.
+seed) groups the runs that differ only in KEY: the markdown table and the plot then show each
+group's mean, its spread (min-max) and the number of finished runs; the CSV keeps every run.
 """
 import argparse
 import csv
@@ -27,6 +29,7 @@ MANIFEST_FILE = "sweep.json"
 RESULTS_FILE = "results.json"
 PROBE_SUBDIR = "probe"
 PROBE_PREFIX = "probe/"
+RANGE_SUFFIX = ":range"  # a grouped row's (min, max) of a metric
 
 
 def _numeric(results: Mapping[str, Any]) -> dict[str, float]:
@@ -119,12 +122,45 @@ def default_metric(metrics: Sequence[str]) -> str | None:
   return None
 
 
+def group_over(rows: Sequence[Mapping[str, Any]], swept: Sequence[str], over: str,
+               metrics: Sequence[str]) -> list[dict[str, Any]]:
+  """One row per combination of the swept keys other than `over`, in first-seen order: each
+  metric's mean over the group's finished runs, its (min, max) as `metric:range`, and `n`."""
+  if over not in swept:
+    raise ValueError(f"cannot group over {over!r}: the sweep's swept keys are {list(swept)}")
+  keys = [k for k in swept if k != over]
+  groups = {}
+  for row in rows:
+    groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+  grouped = []
+  for values, members in groups.items():
+    done = [r for r in members if r["status"] == "done"]
+    row = {"run": ", ".join(f"{k}={_format(v)}" for k, v in zip(keys, values)) or "all",
+           **dict(zip(keys, values)), "n": len(done),
+           "status": "done" if len(done) == len(members) else f"{len(done)} of {len(members)} done"}
+    for metric in metrics:
+      found = [r[metric] for r in done if metric in r]
+      if found:
+        row[metric] = sum(found) / len(found)
+        row[metric + RANGE_SUFFIX] = (min(found), max(found))
+    grouped.append(row)
+  return grouped
+
+
 def _format(value: Any) -> str:
   if isinstance(value, float):
     if value == 0 or math.isnan(value) or 1e-3 <= abs(value) < 1e5:
       return f"{value:.4g}"
     return f"{value:.3e}"
   return "" if value is None else str(value)
+
+
+def _cell(row: Mapping[str, Any], column: str) -> str:
+  """A value, or a group's `mean (min-max)` when it has a range of distinct values."""
+  low, high = row.get(column + RANGE_SUFFIX, (None, None))
+  if low is not None and low != high:
+    return f"{_format(row[column])} ({_format(low)}-{_format(high)})"
+  return _format(row.get(column))
 
 
 def write_markdown(path: str, rows, columns, manifest, sort_note: str) -> None:
@@ -138,7 +174,7 @@ def write_markdown(path: str, rows, columns, manifest, sort_note: str) -> None:
   lines += [sort_note, "", "| " + " | ".join(columns) + " |",
             "|" + "|".join("---" for _ in columns) + "|"]
   for row in rows:
-    lines.append("| " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+    lines.append("| " + " | ".join(_cell(row, c) for c in columns) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -169,11 +205,13 @@ def write_plot(path: str, rows, swept: Sequence[str], metric: str) -> bool:
     series = {}
     for row in rows:
       label = ", ".join(f"{k}={_format(row.get(k))}" for k in others)
-      series.setdefault(label, []).append((position(row[key]), row[metric]))
+      low, high = row.get(metric + RANGE_SUFFIX, (row[metric], row[metric]))
+      series.setdefault(label, []).append((position(row[key]), row[metric], low, high))
     for label, points in sorted(series.items()):
       points.sort()
-      axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                label=label or None)
+      axis.errorbar([p[0] for p in points], [p[1] for p in points],
+                    yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]],
+                    marker="o", capsize=3, label=label or None)
     if numeric and min(values) > 0 and max(values) / min(values) >= 10:
       axis.set_xscale("log")
     if not numeric:
@@ -194,10 +232,11 @@ def write_plot(path: str, rows, swept: Sequence[str], metric: str) -> bool:
 
 def aggregate(root: str, *, out: str | None = None, sort: str | None = None,
               ascending: bool = False, metric: str | None = None,
-              columns: Sequence[str] = ()) -> dict[str, str]:
+              columns: Sequence[str] = (), over: str | None = None) -> dict[str, str]:
   """Writes results.md/.csv/.png for the sweep in root; returns the paths written.
 
-  `columns` limits the markdown table's metrics (the CSV keeps them all).
+  `columns` limits the markdown table's metrics (the CSV keeps them all); `over` groups the
+  table and plot over that swept key (see `group_over`).
   """
   manifest = load_manifest(root)
   swept = list(manifest.get("grid", {}))
@@ -205,6 +244,13 @@ def aggregate(root: str, *, out: str | None = None, sort: str | None = None,
   metrics = metric_names(rows, swept)
   if sort:
     rows = sort_rows(rows, sort, metrics, ascending)
+  all_rows, all_swept = rows, swept
+  if over:
+    rows = group_over(rows, swept, over, metrics)
+    swept = [k for k in swept if k != over]
+    if sort:
+      rows = sort_rows(rows, sort, metrics, ascending)
+  if sort:
     sort_note = f"Sorted by `{sort}`, {'lowest' if ascending else 'highest'} first."
   else:
     sort_note = "In grid order."
@@ -217,9 +263,10 @@ def aggregate(root: str, *, out: str | None = None, sort: str | None = None,
   out = out or root
   os.makedirs(out, exist_ok=True)
   paths = {"markdown": os.path.join(out, "results.md"), "csv": os.path.join(out, "results.csv")}
-  write_markdown(paths["markdown"], rows, ["run", *swept, *(columns or metrics), "status"],
-                 manifest, sort_note)
-  write_csv(paths["csv"], rows, ["run", *swept, *metrics, "status"])
+  write_markdown(paths["markdown"], rows,
+                 ["run", *swept, *(["n"] if over else []), *(columns or metrics), "status"],
+                 manifest, sort_note + (f" Mean (min-max) over `{over}`." if over else ""))
+  write_csv(paths["csv"], all_rows, ["run", *all_swept, *metrics, "status"])
   if plot_metric and write_plot(os.path.join(out, "results.png"), rows, swept, plot_metric):
     paths["plot"] = os.path.join(out, "results.png")
   return paths
@@ -234,11 +281,13 @@ def main(argv: Sequence[str]) -> int:
                       help="metric to plot (default: --sort, else the probe's/the run's top-1)")
   parser.add_argument("--columns", default="",
                       help="comma-separated metrics for the markdown table (default: all)")
+  parser.add_argument("--over", default="",
+                      help="swept key (e.g. seed) to average over: mean (min-max) per group")
   parser.add_argument("--out", default="", help="output directory (default: the sweep directory)")
   args = parser.parse_args(argv)
   paths = aggregate(args.root, out=args.out or None, sort=args.sort or None,
                     ascending=args.ascending, metric=args.metric or None,
-                    columns=[c for c in args.columns.split(",") if c])
+                    columns=[c for c in args.columns.split(",") if c], over=args.over or None)
   with open(paths["markdown"]) as f:
     print(f.read())
   print("wrote " + ", ".join(paths.values()))

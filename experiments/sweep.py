@@ -7,6 +7,9 @@ r"""Config sweeps: a grid over a recipe, one workdir per run, run here or launch
       --run | --print_commands
 
 Every run gets `ROOT/<name>` where the name spells its swept values (`temperature=0.1,...`).
+An ablation is not a cartesian grid: `--case='NAME:key=value;key=value'` (repeatable) names one
+set of overrides, and the cases are crossed with the grid (`--case=recipe --case='no_blur:
+augment.blur.p=0.0' --grid=seed=0,1` runs both cases with both seeds as `case=no_blur,seed=1`).
 `--run` trains them one after another through `python -m simclr_jax.main`: a run whose workdir
 holds `results.json` is skipped and an interrupted one resumes from its own checkpoints (the
 trainer resumes from its workdir), so re-running the same command finishes a sweep. With
@@ -43,6 +46,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pretraining fields a probe of the export must agree on: the probe recipe's config.model must
 # describe the exported network (the probe refuses a mismatch), and data_dir is where TFDS data is.
 FORWARDED_TO_PROBE = ("model", "data_dir")
+CASE_KEY = "case"  # the swept value naming a run's --case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,24 @@ def parse_assignments(specs: Sequence[str], flag_name: str = "set") -> dict[str,
   return assignments
 
 
+def parse_cases(specs: Sequence[str]) -> dict[str, dict[str, str]]:
+  """`['recipe', 'no_blur:augment.blur.p=0.0;seed=1']` -> {'recipe': {}, 'no_blur': {...}}.
+
+  A case is a name (letters, digits, . _ + -) and optional `;`-separated overrides after `:`.
+  """
+  cases = {}
+  for spec in specs:
+    name, _, text = spec.partition(":")
+    name = name.strip()
+    if not name or _safe(name) != name:
+      raise ValueError(f"--case={spec!r}: a case needs a name of letters, digits or . _ + - "
+                       "before its ':' (e.g. --case='no_blur:augment.blur.p=0.0')")
+    if name in cases:
+      raise ValueError(f"--case names {name!r} twice")
+    cases[name] = parse_assignments([a for a in text.split(";") if a.strip()], f"case={name}")
+  return cases
+
+
 def load_config(config_arg: str, overrides: Mapping[str, str]):
   """The config exactly as `simclr_jax.main` would see it with `--config.key=value` overrides.
 
@@ -172,19 +194,32 @@ def _safe(value: str) -> str:
 
 
 def plan_sweep(config_arg: str, grid: Mapping[str, Sequence[str]],
-               fixed: Mapping[str, str]) -> list[Run]:
-  """Every grid point as a Run, each validated against the recipe before any run starts."""
+               fixed: Mapping[str, str],
+               cases: Mapping[str, Mapping[str, str]] | None = None) -> list[Run]:
+  """Every (case x) grid point as a Run, each validated against the recipe before any run starts.
+
+  With `cases`, the runs' swept values start with `case` (the case's name).
+  """
   clashes = sorted(set(grid) & set(fixed))
   if clashes:
     raise ValueError(f"{clashes} are both swept (--grid) and fixed (--set); keep one")
+  if CASE_KEY in grid:
+    raise ValueError(f"{CASE_KEY!r} names the --case of a run; it cannot be a --grid key")
+  for case, overrides in (cases or {}).items():
+    clashes = sorted(set(overrides) & (set(grid) | set(fixed)))
+    if clashes:
+      raise ValueError(f"--case={case} sets {clashes}, which --grid or --set also gives; keep one")
   labels = run_names(grid)
   runs = []
-  for combination in itertools.product(*grid.values()):
+  for case, combination in itertools.product(cases or [None], itertools.product(*grid.values())):
     swept = dict(zip(grid, combination))
-    config = load_config(config_arg, {**fixed, **swept})
-    name = ",".join(f"{labels[k]}={_safe(v)}" for k, v in swept.items()) or "default"
-    values = {k: config_path.get_value(k, config) for k in swept}
-    runs.append(Run(name=name, values=values, overrides={**fixed, **swept},
+    case_overrides = dict(cases[case]) if case else {}
+    config = load_config(config_arg, {**fixed, **case_overrides, **swept})
+    name = ",".join(([f"{CASE_KEY}={case}"] if case else []) +
+                    [f"{labels[k]}={_safe(v)}" for k, v in swept.items()]) or "default"
+    values = ({CASE_KEY: case} if case else {}) | {
+        k: config_path.get_value(k, config) for k in swept}
+    runs.append(Run(name=name, values=values, overrides={**fixed, **case_overrides, **swept},
                     forwarded=_flatten({k: config[k] for k in FORWARDED_TO_PROBE if k in config})))
   names = [run.name for run in runs]
   duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -253,9 +288,12 @@ def shell_line(stages: Sequence[Stage], run: Run) -> str:
       for stage in stages)
 
 
-def _manifest(config_arg, grid, fixed, probe_config_arg, probe_fixed, runs) -> dict:
+def _manifest(config_arg, grid, fixed, probe_config_arg, probe_fixed, runs, cases=None) -> dict:
+  """The sweep's record; a --case sweep lists its case names first in `grid` (as `case`) and
+  their overrides in `cases`."""
   return {
-      "config": config_arg, "grid": dict(grid), "fixed": dict(fixed),
+      "config": config_arg, "fixed": dict(fixed), "cases": dict(cases or {}),
+      "grid": ({CASE_KEY: list(cases)} if cases else {}) | dict(grid),
       "probe_config": probe_config_arg or "", "probe_fixed": dict(probe_fixed),
       "probe_subdir": PROBE_SUBDIR, "results_file": RESULTS_FILE,
       "runs": [{"name": r.name, "values": dict(r.values), "overrides": dict(r.overrides)}
@@ -279,11 +317,18 @@ def merge_with_existing(root: str, manifest: dict) -> dict:
   if list(existing["grid"]) != list(manifest["grid"]):
     raise ValueError(f"{root} already holds a sweep over {list(existing['grid'])}, not "
                      f"{list(manifest['grid'])}; use another --root")
+  existing_cases = existing.get("cases", {})
+  changed = sorted(c for c in manifest["cases"] if existing_cases.get(c, manifest["cases"][c])
+                   != manifest["cases"][c])
+  if changed:
+    raise ValueError(f"{root} already holds cases {changed} with other overrides "
+                     f"({ {c: existing_cases[c] for c in changed} }); rename them or use another "
+                     "--root")
   grid = {k: list(dict.fromkeys(existing["grid"][k] + manifest["grid"][k]))
           for k in manifest["grid"]}
   known = {r["name"] for r in existing["runs"]}
   runs = existing["runs"] + [r for r in manifest["runs"] if r["name"] not in known]
-  return {**manifest, "grid": grid, "runs": runs}
+  return {**manifest, "grid": grid, "runs": runs, "cases": existing_cases | manifest["cases"]}
 
 
 def write_plan(root: str, manifest: dict, lines: Sequence[str]) -> None:
@@ -342,6 +387,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="key=v1,v2,... (repeat for more keys: the cartesian product is run)")
   parser.add_argument("--set", action="append", default=[], dest="fixed",
                       help="key=value override for every pretraining run")
+  parser.add_argument("--case", action="append", default=[], dest="cases",
+                      help="NAME or 'NAME:key=value;key=value': a named set of overrides, "
+                      "crossed with the grid (repeat for more cases)")
   parser.add_argument("--root", required=True, help="sweep directory: one subdirectory per run")
   parser.add_argument("--probe_config", default="",
                       help="linear-probe recipe run on each finished run's export (init_from)")
@@ -361,13 +409,14 @@ def main(argv: Sequence[str]) -> int:
   probe_fixed = parse_assignments(args.probe_set, "probe_set")
   if probe_fixed and not args.probe_config:
     raise ValueError("--probe_set needs --probe_config")
-  runs = plan_sweep(args.config, grid, fixed)
+  cases = parse_cases(args.cases)
+  runs = plan_sweep(args.config, grid, fixed, cases)
   stages = build_stages(args.config, args.root, args.probe_config, probe_fixed)
   for run in runs:
     for stage in stages[1:]:  # plan_sweep has already checked the pretraining overrides
       stage.validate(run)
   manifest = merge_with_existing(
-      args.root, _manifest(args.config, grid, fixed, args.probe_config, probe_fixed, runs))
+      args.root, _manifest(args.config, grid, fixed, args.probe_config, probe_fixed, runs, cases))
   lines = [shell_line(stages, run) for run in runs]
   write_plan(args.root, manifest, lines)
   if args.print_commands:

@@ -412,3 +412,76 @@ def test_batch_norm_benchmark_prints_a_row_per_stage(capsys):
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x")]
   assert [row.split(" | ")[0] for row in rows] == ["| 2x32x32x16", "| 2x16x16x32", "| 2x8x8x64",
                                                    "| 2x4x4x128"]
+
+
+def test_cases_are_named_override_sets_crossed_with_the_grid(recipes, tmp_path):
+  config, _ = recipes
+  cases = sweep.parse_cases(["recipe", "sgd:optimizer.name=sgd;optimizer.base_learning_rate=0.1"])
+  assert cases == {"recipe": {}, "sgd": {"optimizer.name": "sgd",
+                                         "optimizer.base_learning_rate": "0.1"}}
+  runs = sweep.plan_sweep(config, {"temperature": ["0.1", "0.5"]}, {"num_train_steps": "5"}, cases)
+  assert [r.name for r in runs] == ["case=recipe,temperature=0.1", "case=recipe,temperature=0.5",
+                                    "case=sgd,temperature=0.1", "case=sgd,temperature=0.5"]
+  assert runs[2].values == {"case": "sgd", "temperature": 0.1}
+  assert runs[2].overrides == {"num_train_steps": "5", "optimizer.name": "sgd",
+                               "optimizer.base_learning_rate": "0.1", "temperature": "0.1"}
+  assert runs[0].overrides == {"num_train_steps": "5", "temperature": "0.1"}
+
+
+@pytest.mark.parametrize("specs,grid,fixed,message", [
+    (["a b"], {}, {}, "needs a name"),
+    ([":temperature=0.1"], {}, {}, "needs a name"),
+    (["a", "a:temperature=0.1"], {}, {}, "twice"),
+    (["a:temperature=0.1"], {"temperature": ["0.5"]}, {}, "keep one"),
+    (["a:num_train_steps=3"], {}, {"num_train_steps": "5"}, "keep one"),
+    (["a:temprature=0.1"], {}, {}, "temprature"),
+    (["a"], {"case": ["x"]}, {}, "cannot be a --grid key"),
+])
+def test_bad_cases_fail_before_anything_runs(recipes, specs, grid, fixed, message):
+  config, _ = recipes
+  with pytest.raises(ValueError, match=message):
+    sweep.plan_sweep(config, grid, fixed, sweep.parse_cases(specs))
+
+
+def test_more_cases_extend_the_manifest_and_a_changed_case_is_refused(recipes, tmp_path):
+  config, _ = recipes
+  common = [f"--config={config}", f"--root={tmp_path}", "--grid=temperature=0.1",
+            "--print_commands"]
+  sweep.main(common + ["--case=recipe", "--case=sgd:optimizer.name=sgd"])
+  sweep.main(common + ["--case=adamw:optimizer.name=adamw"])
+  with open(tmp_path / "sweep.json") as f:
+    manifest = json.load(f)
+  assert manifest["grid"] == {"case": ["recipe", "sgd", "adamw"], "temperature": ["0.1"]}
+  assert manifest["cases"] == {"recipe": {}, "sgd": {"optimizer.name": "sgd"},
+                               "adamw": {"optimizer.name": "adamw"}}
+  assert [r["name"] for r in manifest["runs"]] == [
+      "case=recipe,temperature=0.1", "case=sgd,temperature=0.1", "case=adamw,temperature=0.1"]
+  with pytest.raises(ValueError, match="other overrides"):
+    sweep.main(common + ["--case=sgd:optimizer.name=lars"])
+
+
+def test_aggregate_over_a_key_reports_each_groups_mean_and_range(recipes, tmp_path):
+  config, _ = recipes
+  root = str(tmp_path / "sweep")
+  sweep.main([f"--config={config}", f"--root={root}", "--case=a", "--case=b:variant=b",
+              "--grid=temperature=0.1,0.2,0.3", "--print_commands"])
+  runs = sweep.plan_sweep(config, {"temperature": ["0.1", "0.2", "0.3"]}, {},
+                          {"a": {}, "b": {"variant": "b"}})
+  top1 = {"case=a,temperature=0.1": 0.5, "case=a,temperature=0.2": 0.7,
+          "case=a,temperature=0.3": 0.6, "case=b,temperature=0.1": 0.4,
+          "case=b,temperature=0.2": 0.4}
+  stages = sweep.build_stages(config, root)
+  sweep.execute_sweep(stages, runs[:5], fake_launcher(
+      [], results=lambda workdir: {"knn_top1": top1[os.path.basename(workdir)]}))
+  paths = aggregate.aggregate(root, sort="knn_top1", over="temperature")
+  with open(paths["markdown"]) as f:
+    markdown = f.read()
+  assert "| run | case | n | knn_top1 | status |" in markdown
+  assert "| case=a | a | 3 | 0.6 (0.5-0.7) | done |" in markdown
+  assert "| case=b | b | 2 | 0.4 | 2 of 3 done |" in markdown
+  assert markdown.index("case=a |") < markdown.index("case=b |")  # sorted by the mean
+  with open(paths["csv"]) as f:
+    assert len(list(csv.DictReader(f))) == 6  # the CSV keeps every run
+  assert "plot" in paths
+  with pytest.raises(ValueError, match="cannot group over 'seed'"):
+    aggregate.aggregate(root, over="seed")
