@@ -168,6 +168,10 @@ def check_mlp_probe(prefix: str, block: Mapping[str, Any]) -> None:
           f"{prefix}.learning_rate={block['learning_rate']} must be > 0")
   for name in ("epochs", "batch_size"):
     require(block[name] >= 1, f"{prefix}.{name}={block[name]} must be >= 1")
+  if block["batch_norm"] == "batch_statistics":
+    logging.warning("%s.batch_norm='batch_statistics': features with batch norm in training mode "
+                    "(each extraction batch's own statistics), as the CIFAR-100 report did; the "
+                    "paper's protocol is 'running_average'", prefix)
 
 
 EVALUATOR_CHECKS = {"knn": check_knn, "linear": check_lbfgs, "mlp": check_mlp_probe}

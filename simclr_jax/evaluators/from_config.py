@@ -16,10 +16,6 @@ REPRESENTATION_EVALUATORS: dict[str, type[RepresentationEvaluator]] = {
     "knn": knn.KnnEvaluator, "linear": linear.LinearEvaluator, "mlp": mlp.MLPProbeEvaluator}
 
 
-def batch_norm_mode(block: Mapping[str, Any]) -> str:
-  return block.get("batch_norm", "running_average")
-
-
 def create_representation_evaluators(
     evals: Mapping[str, Mapping[str, Any]],
     representations: Callable[[str], features.SplitFeatures], *, train_split: str,
@@ -31,7 +27,7 @@ def create_representation_evaluators(
   for name, block in evals.items():
     if not block["enabled"]:
       continue
-    mode = batch_norm_mode(block)
+    mode = block.get("batch_norm", "running_average")
     if mode not in shared:
       shared[mode] = representations(mode)
     evaluators.append(REPRESENTATION_EVALUATORS[name](

@@ -6,6 +6,7 @@ mode; this evaluator offers that protocol, so an ablation can switch its choices
 (the features' batch-norm mode is the block's `batch_norm`, see `features.BATCH_NORM_MODES`).
 Not the paper's protocol (a linear classifier: `linear.LinearEvaluator`).
 """
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -80,11 +81,14 @@ def fit_mlp_probe(features: np.ndarray, labels: np.ndarray, *, num_classes: int,
   return mlp, params, float(np.mean(jax.device_get(losses)))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(mlp: MLP, params: Mapping[str, Any], features: jax.Array) -> jax.Array:
+  return jnp.argmax(mlp.apply({"params": params}, features, train=False), axis=1)
+
+
 def predict(mlp: MLP, params: Mapping[str, Any], features: np.ndarray) -> np.ndarray:
   """Class predictions [n] with dropout off."""
-  logits = jax.jit(lambda p, x: mlp.apply({"params": p}, x, train=False))(
-      params, np.asarray(features, np.float32))
-  return np.asarray(jnp.argmax(logits, axis=1))
+  return np.asarray(_predict(mlp, params, np.asarray(features, np.float32)))
 
 
 class MLPProbeEvaluator(RepresentationEvaluator):

@@ -120,6 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   test = representations(None, config.eval_split, keep_images=classification.GRID_IMAGES)
   splits = dict(train_split=config.train_split, eval_split=config.eval_split,
                 num_classes=info.num_classes)
+  # Blocks on running averages share the probe's own features.
   evaluators = from_config.create_representation_evaluators(
       config.evals, lambda batch_norm: (
           representations if batch_norm == "running_average" else
