@@ -54,6 +54,17 @@ def knn_config(**overrides) -> ml_collections.ConfigDict:
       temperature=0.1), **overrides))
 
 
+def mlp_probe_config(**overrides) -> ml_collections.ConfigDict:
+  """A CIFAR-100 reproduction's probe (not the paper's): an MLP of `hidden_sizes` (Dense-ReLU-
+  Dropout each, then Dense to the classes) trained with Adam on raw features; `batch_norm`
+  'batch_statistics' takes them with batch norm in training mode, as that report did, or
+  'running_average' (inference mode, as the other probes)."""
+  return ml_collections.ConfigDict(dict(dict(
+      enabled=False, every_steps=0, at_start=False, train_examples=0, eval_examples=0,
+      hidden_sizes=(512, 256), dropout_rate=0.5, learning_rate=1e-3, epochs=20, batch_size=256,
+      batch_norm="batch_statistics"), **overrides))
+
+
 def pretrain_config() -> ml_collections.ConfigDict:
   """Every field the pretrain job reads, with neutral values a recipe overrides."""
   config = ml_collections.ConfigDict()
@@ -95,7 +106,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   # Evaluators (simclr_jax.evaluators) run every `every_steps` (0 = only at the end) on h.
   config.evals = ml_collections.ConfigDict(dict(
-      knn=knn_config(), linear=lbfgs_config(enabled=False)))
+      knn=knn_config(), linear=lbfgs_config(enabled=False), mlp=mlp_probe_config()))
   return config
 
 

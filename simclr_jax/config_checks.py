@@ -13,6 +13,7 @@ import ml_collections
 
 from simclr_jax import augment
 from simclr_jax import errors
+from simclr_jax import features
 from simclr_jax import input_pipeline
 from simclr_jax import models
 from simclr_jax import native
@@ -151,7 +152,29 @@ def check_lbfgs(prefix: str, block: Mapping[str, Any]) -> None:
           f"{prefix}.max_iterations={block['max_iterations']} must be >= 1")
 
 
-EVALUATOR_CHECKS = {"knn": check_knn, "linear": check_lbfgs}
+def check_mlp_probe(prefix: str, block: Mapping[str, Any]) -> None:
+  _check_examples(prefix, block)
+  require(block["batch_norm"] in features.BATCH_NORM_MODES,
+          f"{prefix}.batch_norm={block['batch_norm']!r}; allowed: "
+          f"{', '.join(features.BATCH_NORM_MODES)}")
+  hidden_sizes = block["hidden_sizes"]
+  positive_integers = isinstance(hidden_sizes, (tuple, list)) and all(
+      isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in hidden_sizes)
+  require(positive_integers, f"{prefix}.hidden_sizes={hidden_sizes!r} must be a tuple of positive "
+          "integers (the hidden layers' widths; () = a linear probe)")
+  require(0 <= block["dropout_rate"] < 1,
+          f"{prefix}.dropout_rate={block['dropout_rate']} must be in [0, 1)")
+  require(block["learning_rate"] > 0,
+          f"{prefix}.learning_rate={block['learning_rate']} must be > 0")
+  for name in ("epochs", "batch_size"):
+    require(block[name] >= 1, f"{prefix}.{name}={block[name]} must be >= 1")
+  if block["batch_norm"] == "batch_statistics":
+    logging.warning("%s.batch_norm='batch_statistics': features with batch norm in training mode "
+                    "(each extraction batch's own statistics), as the CIFAR-100 report did; the "
+                    "paper's protocol is 'running_average'", prefix)
+
+
+EVALUATOR_CHECKS = {"knn": check_knn, "linear": check_lbfgs, "mlp": check_mlp_probe}
 
 
 def check_evals(config: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,13 @@
 """The one feature extractor: a model function applied to every batch of an eval split.
 
-Used by the evaluators (k-NN, L-BFGS, classification), the probe and fine-tune jobs and the
+Used by the evaluators (k-NN, L-BFGS, MLP, classification), the probe and fine-tune jobs and the
 prediction tool. Everything runs on any device count: batches are split over the mesh axis
 `data`, variables replicated, and results come back to the host unpadded and in order.
+
+An encoder's representation is taken with its batch norm in one of `BATCH_NORM_MODES`:
+'running_average' (inference mode, the protocol of the paper) or 'batch_statistics' (training
+mode: each extraction batch normalised by its own statistics, as some reproductions did, so an
+image's features depend on the batch it is in).
 """
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -12,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simclr_jax import models
 from simclr_jax import sharding
+
+BATCH_NORM_MODES = ("running_average", "batch_statistics")
 
 # Seconds between progress lines of a long extraction.
 _PROGRESS_SECONDS = 30.0
@@ -25,19 +33,50 @@ def images_to_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def sharded_apply(function: Callable[[Mapping[str, Any], jax.Array], jax.Array],
-                  mesh: jax.sharding.Mesh) -> Callable[[Mapping[str, Any], jax.Array], jax.Array]:
-  """jit of `function(variables, float images)` on batch-sharded pipeline images."""
-  return jax.jit(lambda variables, images: function(variables, images_to_float(images)),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+def sharded_apply(function: Callable[..., jax.Array], mesh: jax.sharding.Mesh, *,
+                  masked: bool = False) -> Callable[..., jax.Array]:
+  """jit of `function(variables, float images)` on batch-sharded pipeline images, called as
+  (variables, images, mask); a `masked` function also receives the mask (False: padding).
+
+  A plain jit (no shard_map): a reduction over the batch (batch statistics) is over the global
+  batch, the partitioner inserting the collectives.
+  """
+  def apply(variables, images, mask):
+    images = images_to_float(images)
+    return function(variables, images, mask) if masked else function(variables, images)
+  return jax.jit(apply, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
+                                      sharding.batch_sharded(mesh)),
                  out_shardings=sharding.batch_sharded(mesh))
 
 
-def run_over_dataset(function: Callable[[Mapping[str, Any], jax.Array], jax.Array],
+def representation_function(apply: Callable[..., Any], batch_norm: str, mesh: jax.sharding.Mesh
+                            ) -> Callable[..., jax.Array]:
+  """`sharded_apply` of a representation in a `BATCH_NORM_MODES` mode.
+
+  `apply(variables, float images, train=, **kwargs)` is a module's `apply` returning the
+  representation. 'batch_statistics' runs it in training mode, the statistics taken over the
+  real (unpadded) examples of each whole extraction batch, on any device count; the updated
+  running averages are discarded. The module must have no `axis_name`: under jit the batch is
+  one global array.
+  """
+  if batch_norm not in BATCH_NORM_MODES:
+    raise ValueError(f"batch_norm={batch_norm!r}; allowed: {', '.join(BATCH_NORM_MODES)}")
+  if batch_norm == "running_average":
+    return sharded_apply(lambda variables, images: apply(variables, images, train=False), mesh)
+
+  def with_batch_statistics(variables, images, mask):
+    with models.statistics_over(mask):
+      representation, _ = apply(variables, images, train=True, mutable=["batch_stats"])
+    return representation
+  return sharded_apply(with_batch_statistics, mesh, masked=True)
+
+
+def run_over_dataset(function: Callable[..., jax.Array],
                      variables: Mapping[str, Any], batches: Iterable[Mapping[str, Any]], *,
                      keep_images: int = 0, max_examples: int = 0,
                      description: str = "features") -> dict[str, np.ndarray]:
-  """Applies `function` to the batches of an eval iterator; unpadded host results in order.
+  """Applies `function` (a `sharded_apply`) to the batches of an eval iterator; unpadded host
+  results in order.
 
   Returns {'outputs': [N, ...], 'labels': [N]} and, with `keep_images > 0`, the first
   `keep_images` images as 'images' (for prediction grids). `max_examples > 0` stops after the
@@ -52,7 +91,7 @@ def run_over_dataset(function: Callable[[Mapping[str, Any], jax.Array], jax.Arra
   iterator = iter(batches)
   try:
     for batch in iterator:
-      result = function(variables, batch["image"])
+      result = function(variables, batch["image"], batch["mask"])
       mask = sharding.to_host(batch["mask"]).astype(bool)
       outputs.append(sharding.to_host(result)[mask])
       labels.append(sharding.to_host(batch["label"])[mask])

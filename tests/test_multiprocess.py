@@ -100,6 +100,10 @@ def train_run(workdir, data_dir, num_processes, environments, knn_every_steps=0)
           f"--config.evals.knn.every_steps={knn_every_steps}",
           "--config.evals.knn.train_examples=128", "--config.evals.knn.eval_examples=64",
           "--config.data_shards=2"]
+  if knn_every_steps:  # and at the end the MLP probe, on features with batch statistics
+    args += ["--config.evals.mlp.enabled=True", "--config.evals.mlp.train_examples=128",
+             "--config.evals.mlp.eval_examples=64", "--config.evals.mlp.hidden_sizes=(16,)",
+             "--config.evals.mlp.epochs=2", "--config.evals.mlp.batch_size=32"]
   if num_processes == 1:
     return launch(lambda i: args, 1, environments[1])
   address = f"127.0.0.1:{free_port()}"
@@ -160,6 +164,7 @@ def test_two_processes_continue_a_run_exactly_as_one_process_does(runs):
     results = json.load(f)
   assert (results["num_processes"], results["num_devices"], results["start_step"]) == (2, 8, 2)
   assert np.isfinite(results["knn_top1"])  # features gathered from both processes
+  assert np.isfinite(results["mlp_top1"])  # BN statistics over both processes' images
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_one(runs):

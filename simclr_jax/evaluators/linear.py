@@ -157,8 +157,7 @@ class LinearEvaluator(RepresentationEvaluator):
   def __init__(self, config: Mapping[str, Any], representations: features.SplitFeatures, *,
                train_split: str, eval_split: str, num_classes: int, seed: int):
     super().__init__(config, representations, train_split=train_split, eval_split=eval_split,
-                     num_classes=num_classes)
-    self._seed = seed
+                     num_classes=num_classes, seed=seed)
     self.last_probe: TransferProbe | None = None
 
   def run(self, state: Any) -> dict[str, float]:

@@ -11,8 +11,9 @@
 
 Both finish by checking that every encoder parameter and BN statistic is bit-for-bit what the
 export holds, report top-1/top-5/mean per-class accuracy on the eval split and the enabled
-`config.evals` (k-NN) on the same features, draw predictions.png and confusion_matrix.png, and
-export the encoder with its linear head to workdir/export.
+`config.evals` (k-NN, L-BFGS, MLP; on the same features unless a block's `batch_norm` asks for
+batch statistics), draw predictions.png and confusion_matrix.png, and export the encoder with its
+linear head to workdir/export.
 """
 import functools
 from typing import Any, Mapping
@@ -34,7 +35,7 @@ from simclr_jax import optim
 from simclr_jax import sharding
 from simclr_jax import workdir_files
 from simclr_jax.evaluators import classification
-from simclr_jax.evaluators import knn
+from simclr_jax.evaluators import from_config
 from simclr_jax.evaluators import linear
 from simclr_jax.jobs import supervised
 
@@ -119,8 +120,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   test = representations(None, config.eval_split, keep_images=classification.GRID_IMAGES)
   splits = dict(train_split=config.train_split, eval_split=config.eval_split,
                 num_classes=info.num_classes)
-  evaluators = ([knn.KnnEvaluator(config.evals.knn, representations, **splits)]
-                if config.evals.knn.enabled else [])
+  # Blocks on running averages share the probe's own features.
+  evaluators = from_config.create_representation_evaluators(
+      config.evals, lambda batch_norm: (
+          representations if batch_norm == "running_average" else
+          supervised.representations(classifier, frozen, config, mesh, batch_norm)),
+      seed=config.seed, **splits)
 
   def finish(head_params: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
     supervised.assert_unchanged(frozen_host, frozen, "encoder variables")

@@ -8,6 +8,7 @@ gradient of the replicated parameters comes out of shard_map's autodiff already 
 devices and equal to the one-device gradient, so it is not reduced again. An online linear probe
 learns on stop_gradient(h) beside it. At the end the encoder is exported for probing.
 """
+import functools
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -32,8 +33,7 @@ from simclr_jax import native
 from simclr_jax import optim
 from simclr_jax import sharding
 from simclr_jax import workdir_files
-from simclr_jax.evaluators import knn
-from simclr_jax.evaluators import linear
+from simclr_jax.evaluators import from_config
 from simclr_jax.visualize import augmentations
 from simclr_jax.visualize import curves
 
@@ -158,25 +158,23 @@ def make_train_step(model: models.SimCLRModel, optimizer: optax.GradientTransfor
 
 def make_evaluators(config: ml_collections.ConfigDict, model: models.SimCLRModel, *,
                     num_classes: int, mesh: jax.sharding.Mesh) -> list:
-  """The enabled `config.evals` blocks (k-NN, L-BFGS), sharing one extraction of h per state."""
-  eval_model = model.clone(axis_name=None)
-  representations = features.SplitFeatures(
-      features.sharded_apply(lambda variables, images: eval_model.apply(
-          variables, images, train=False)["h"], mesh),
-      variables_of=lambda state: {"params": state.params, "batch_stats": state.batch_stats},
-      make_batches=lambda split: input_pipeline.create_eval_iterator(
-          config.dataset, data_dir=config.data_dir or None, split=split,
-          global_batch_size=config.global_batch_size, image_size=config.image_size, mesh=mesh),
-      description="h")
-  splits = dict(train_split=config.train_split, eval_split=config.eval_split,
-                num_classes=num_classes)
-  evaluators = []
-  if config.evals.knn.enabled:
-    evaluators.append(knn.KnnEvaluator(config.evals.knn, representations, **splits))
-  if config.evals.linear.enabled:
-    evaluators.append(linear.LinearEvaluator(config.evals.linear, representations,
-                                             seed=config.seed, **splits))
-  return evaluators
+  """The enabled `config.evals` blocks (k-NN, L-BFGS, MLP), sharing one extraction of h per state
+  and batch-norm mode."""
+  eval_model = model.clone(axis_name=None)  # under jit the batch is one global array
+  apply_h = functools.partial(eval_model.apply,
+                              method=lambda module, images, **kwargs: module(images, **kwargs)["h"])
+
+  def representations(batch_norm: str) -> features.SplitFeatures:
+    return features.SplitFeatures(
+        features.representation_function(apply_h, batch_norm, mesh),
+        variables_of=lambda state: {"params": state.params, "batch_stats": state.batch_stats},
+        make_batches=lambda split: input_pipeline.create_eval_iterator(
+            config.dataset, data_dir=config.data_dir or None, split=split,
+            global_batch_size=config.global_batch_size, image_size=config.image_size, mesh=mesh),
+        description=f"h ({batch_norm.replace('_', ' ')})")
+  return from_config.create_representation_evaluators(
+      config.evals, representations, train_split=config.train_split,
+      eval_split=config.eval_split, num_classes=num_classes, seed=config.seed)
 
 
 def save_export(directory: str, config: Mapping[str, Any], params: Mapping[str, Any],

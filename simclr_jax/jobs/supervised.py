@@ -7,6 +7,7 @@ predictions.png, confusion_matrix.png, and export/ — the encoder plus its trai
 safetensors export can read.
 """
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -127,11 +128,13 @@ def finish(workdir: str, config: ml_collections.ConfigDict, *,
 
 
 def representations(classifier: models.Classifier, variables: Mapping[str, Any],
-                    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                    ) -> features.SplitFeatures:
-  """The frozen representation of every split, extracted once (inference-mode BN)."""
+                    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    batch_norm: str = "running_average") -> features.SplitFeatures:
+  """The frozen representation of every split, extracted once, with batch norm in `batch_norm`
+  mode (`features.BATCH_NORM_MODES`; the variables are never updated)."""
   return features.SplitFeatures(
-      features.sharded_apply(lambda v, images: classifier.apply(
-          v, images, train=False, method=models.Classifier.represent), mesh),
+      features.representation_function(
+          functools.partial(classifier.apply, method=models.Classifier.represent), batch_norm,
+          mesh),
       variables_of=lambda state: variables, make_batches=eval_batches(config, mesh),
       description=models.representation_name(config.projection_layer), frozen=True)

@@ -8,7 +8,7 @@
 """
 import jax.numpy as jnp
 
-from simclr_jax.models.batch_norm import BatchNorm
+from simclr_jax.models.batch_norm import BatchNorm, statistics_over
 from simclr_jax.models.classifier import (SUPERVISED_HEAD, Classifier, check_projection_layer,
                                           representation_name)
 from simclr_jax.models.heads import LinearHead, ProjectionHead
@@ -26,4 +26,5 @@ __all__ = [
     "BasicBlock", "BatchNorm", "BottleneckBlock", "Classifier", "LinearHead", "ModelConfig",
     "ProjectionHead", "ResNet", "SimCLRModel", "build_encoder", "build_projection_head",
     "check_projection_layer", "create_model", "representation_name", "scaled_channels",
+    "statistics_over",
 ]

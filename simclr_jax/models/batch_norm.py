@@ -6,8 +6,15 @@ checkpoints, exports and the TF1 converter see no difference) whose call also ta
 kernels (`simclr_jax.native.batch_norm_train`: nn.BatchNorm under XLA takes 1.4-1.9x as long on
 ResNet-18's maps). Anything else (running averages, other dtypes, `axis_index_groups`, masks) is
 `nn.BatchNorm`'s own code.
+
+`statistics_over(mask)` makes every batch norm layer of a model in training mode take its batch
+statistics over the rows of `mask` only: an eval batch's padding then changes nothing.
 """
+import contextlib
+from typing import Iterator
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from simclr_jax import native
@@ -18,11 +25,12 @@ class BatchNorm(nn.BatchNorm):
   native: bool = False
 
   @nn.compact
-  def __call__(self, x, use_running_average=None, *, residual=None, relu: bool = False):
+  def __call__(self, x, use_running_average=None, *, residual=None, relu: bool = False,
+               mask=None):
     running = nn.merge_param("use_running_average", self.use_running_average,
                              use_running_average)
-    if not (self.native and not running and self._fusable(x, residual)):
-      y = super().__call__(x, use_running_average)
+    if not (self.native and not running and mask is None and self._fusable(x, residual)):
+      y = super().__call__(x, use_running_average, mask=mask)
       y = y if residual is None else y + residual
       return nn.relu(y) if relu else y
     features = (x.shape[-1],)
@@ -45,3 +53,19 @@ class BatchNorm(nn.BatchNorm):
             and self.param_dtype == jnp.float32 and self.force_float32_reductions
             and self.use_fast_variance
             and (self.dtype is None or self.dtype == jnp.float32))
+
+
+@contextlib.contextmanager
+def statistics_over(mask: jax.Array) -> Iterator[None]:
+  """Within it, batch norm layers (`nn.BatchNorm` and this `BatchNorm`) in training mode compute
+  their statistics over the examples whose `mask` [N] is True (an interceptor adds the mask to
+  each layer's call, so no model needs a mask argument)."""
+  def add_mask(call, args, kwargs, context):
+    if (isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__"
+        and kwargs.get("mask") is None):
+      rows = args[0]
+      kwargs = dict(kwargs, mask=mask.reshape(mask.shape + (1,) * (rows.ndim - 1)))
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(add_mask):
+    yield
