@@ -380,6 +380,21 @@ def test_train_step_benchmark_runs_the_trainer_step_and_counts_its_flops():
   assert any(jax.tree.leaves(changed))
 
 
+def test_train_step_benchmark_measures_a_ceiling_per_precision_and_keeps_the_fastest():
+  """bfloat16 rows are measured against bfloat16 matmuls (XLA's dot and the oneDNN kernels),
+  float32 rows against XLA's float32 dot; each ceiling is the fastest of the runs and sources."""
+  measured = train_step.measure_ceilings(256, 1, "", {"float32", "bfloat16"}, env={})
+  assert set(measured) == {("float32", "XLA dot"), ("bfloat16", "XLA dot"),
+                           ("bfloat16", "oneDNN 1x1 conv")}
+  assert all(gflops > 0 for gflops in measured.values())
+  runs = [{("float32", "XLA dot"): 5.0, ("bfloat16", "XLA dot"): 4.0,
+           ("bfloat16", "oneDNN 1x1 conv"): 9.0},
+          {("float32", "XLA dot"): 6.0, ("bfloat16", "XLA dot"): 11.0,
+           ("bfloat16", "oneDNN 1x1 conv"): 10.0}]
+  assert train_step.best_ceilings(runs) == {"float32": ("XLA dot", 6.0),
+                                            "bfloat16": ("XLA dot", 11.0)}
+
+
 def test_train_step_benchmark_rejects_an_interpreter_without_torch():
   with pytest.raises(ValueError, match="cannot import torch"):
     train_step.check_torch_python(sys.executable)
