@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -34,6 +35,8 @@ train_step = _load("train_step", os.path.join(EXPERIMENTS, "benchmarks", "train_
 conv_layers = _load("conv_layers", os.path.join(EXPERIMENTS, "benchmarks", "conv_layers.py"))
 batch_norm_benchmark = _load("batch_norm_benchmark",
                              os.path.join(EXPERIMENTS, "benchmarks", "batch_norm.py"))
+STEP_PHASES_SCRIPT = os.path.join(EXPERIMENTS, "benchmarks", "step_phases.py")
+step_phases = _load("step_phases", STEP_PHASES_SCRIPT)
 
 PRETRAIN_CONFIG = """
 import ml_collections
@@ -380,6 +383,21 @@ def test_train_step_benchmark_runs_the_trainer_step_and_counts_its_flops():
   assert any(jax.tree.leaves(changed))
 
 
+def test_train_step_benchmark_measures_a_ceiling_per_precision_and_keeps_the_fastest():
+  """bfloat16 rows are measured against bfloat16 matmuls (XLA's dot and the oneDNN kernels),
+  float32 rows against XLA's float32 dot; each ceiling is the fastest of the runs and sources."""
+  measured = train_step.measure_ceilings(256, 1, "", {"float32", "bfloat16"}, env={})
+  assert set(measured) == {("float32", "XLA dot"), ("bfloat16", "XLA dot"),
+                           ("bfloat16", "oneDNN 1x1 conv")}
+  assert all(gflops > 0 for gflops in measured.values())
+  runs = [{("float32", "XLA dot"): 5.0, ("bfloat16", "XLA dot"): 4.0,
+           ("bfloat16", "oneDNN 1x1 conv"): 9.0},
+          {("float32", "XLA dot"): 6.0, ("bfloat16", "XLA dot"): 11.0,
+           ("bfloat16", "oneDNN 1x1 conv"): 10.0}]
+  assert train_step.best_ceilings(runs) == {"float32": ("XLA dot", 6.0),
+                                            "bfloat16": ("XLA dot", 11.0)}
+
+
 def test_train_step_benchmark_rejects_an_interpreter_without_torch():
   with pytest.raises(ValueError, match="cannot import torch"):
     train_step.check_torch_python(sys.executable)
@@ -485,3 +503,37 @@ def test_aggregate_over_a_key_reports_each_groups_mean_and_range(recipes, tmp_pa
   assert "plot" in paths
   with pytest.raises(ValueError, match="cannot group over 'seed'"):
     aggregate.aggregate(root, over="seed")
+
+
+def test_step_phases_names_every_phase_of_the_bfloat16_step_from_its_hlo():
+  """Every phase is found in the compiled step, and the convolution passes' FLOPs from their
+  shapes agree: forward = kernel gradient = input gradient + the stem's (whose input gradient,
+  towards the images, is never computed)."""
+  batch, size, width = 4, 16, 0.125
+  step, (state, batch_arrays) = train_step.build_pretrain_step(
+      train_step.model_config(18, width, cifar_stem=True), batch_size=batch, image_size=size,
+      augment_preset="simclr_cifar", conv_backend="onednn_bf16", norm_backend="native")
+  instructions = step_phases.entry_instructions(step.lower(state, batch_arrays).compile().as_text())
+  phases = {step_phases.phase_of(instruction) for instruction in instructions.values()}
+  assert phases == set(step_phases.PHASES)
+  gflop = dict.fromkeys(step_phases.CONV_PASSES.values(), 0.0)
+  for instruction in instructions.values():
+    if instruction.target in step_phases.CONV_PASSES:
+      gflop[step_phases.CONV_PASSES[instruction.target]] += step_phases.conv_gflop(instruction)
+  stem_gflop = 2 * (2 * batch) * size * size * (3 * 3 * 3) * round(64 * width) / 1e9
+  assert gflop["conv forward"] == pytest.approx(gflop["conv kernel gradient"])
+  assert gflop["conv forward"] - gflop["conv input gradient"] == pytest.approx(stem_gflop)
+
+
+def test_step_phases_prints_every_phase_their_sum_and_the_step():
+  # A subprocess: the trace events need XLA_FLAGS before JAX starts its CPU backend.
+  completed = subprocess.run(
+      [sys.executable, STEP_PHASES_SCRIPT, "--widths=0.125", "--batch_size=4", "--image_size=16",
+       "--steps=1", "--repeats=1", "--matmul_size=256"], capture_output=True, text=True,
+      check=False)
+  assert completed.returncode == 0, completed.stderr
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].strip(" |")
+          for line in completed.stdout.splitlines() if line.startswith("| ")}
+  assert set(step_phases.PHASES) <= set(rows)
+  assert float(rows["**sum of the phases**"].split()[0]) > 0
+  assert float(rows["step, traced"]) > 0

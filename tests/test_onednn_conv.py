@@ -91,6 +91,17 @@ def test_bfloat16_backend_is_a_float32_conv_of_bfloat16_operands(case):
   assert np.abs(results[0] - y_float32).max() > 1e-4 * np.abs(y_float32).max()
 
 
+def test_forward_on_bfloat16_operands_is_their_float64_matmul():
+  """native.conv.forward takes operands already in bfloat16 (the benchmarks' bfloat16 ceiling, a
+  1x1 convolution shaped as a matmul): the product of those values, summed in float32."""
+  x, kernel = random_inputs((3, 4, 4, 8), (1, 1, 8, 6), jnp.bfloat16)
+  y = jax.jit(onednn_conv.forward)(x, kernel)
+  assert y.dtype == jnp.float32 and y.shape == (3, 4, 4, 6)
+  as_float64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  expected = as_float64(x).reshape(-1, 8) @ as_float64(kernel).reshape(8, 6)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 6), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, kwargs", [
     (jnp.bfloat16, {}),
     (jnp.float32, {"rhs_dilation": (2, 2)}),

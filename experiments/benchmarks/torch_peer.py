@@ -17,7 +17,8 @@ and matmuls in bfloat16, parameters float32), the peer of conv_backend='onednn_b
 
 With --conv_layers=SIZE:CHANNELS,... it times single stride-1 3x3 convolutions instead (the peer
 of conv_layers.py): the forward and the backward (input and kernel gradients together) of each,
-batch --batch_size images, channels-last, in --precision.
+batch --batch_size images, channels-last, in --precision. With --matmul=SIZE it times
+torch.matmul of two [SIZE, SIZE] matrices in --precision (train_step.py's ceiling from PyTorch).
 """
 import argparse
 import json
@@ -112,6 +113,27 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
   return loss / 2
 
 
+def best_seconds(function, *, repeats: int, warmup: int) -> float:
+  """The fastest of `repeats` calls of function() after `warmup` untimed ones."""
+  for _ in range(warmup):
+    function()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    function()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def matmul_gflops(size: int, *, precision: str, repeats: int, warmup: int) -> float:
+  """GFLOP/s (2 size^3 / time) of torch.matmul on two [size, size] matrices in `precision`."""
+  dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+  a, b = (torch.rand(size, size).to(dtype) for _ in range(2))
+  with torch.no_grad():
+    return 2 * size**3 / best_seconds(lambda: torch.matmul(a, b), repeats=repeats,
+                                      warmup=warmup) / 1e9
+
+
 def conv_layer_seconds(size: int, channels: int, *, batch: int, precision: str, repeats: int,
                        warmup: int) -> dict:
   """Best seconds of one 3x3 convolution's forward and of its backward (dx and dk)."""
@@ -128,18 +150,10 @@ def conv_layer_seconds(size: int, channels: int, *, batch: int, precision: str, 
     return torch.ops.aten.convolution_backward(dy, x, kernel, None, [1, 1], [1, 1], [1, 1], False,
                                                [0, 0], 1, [True, True, False])
 
-  def best(function):
-    for _ in range(warmup):
-      function()
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      function()
-      times.append(time.perf_counter() - start)
-    return min(times)
-
   with torch.no_grad():
-    return {"size": size, "channels": channels, "fwd": best(forward), "dx+dk": best(backward)}
+    return {"size": size, "channels": channels,
+            "fwd": best_seconds(forward, repeats=repeats, warmup=warmup),
+            "dx+dk": best_seconds(backward, repeats=repeats, warmup=warmup)}
 
 
 def main(argv) -> None:
@@ -158,8 +172,15 @@ def main(argv) -> None:
                       "creation, allocator caches) before its step time settles")
   parser.add_argument("--conv_layers", default="",
                       help="SIZE:CHANNELS,...: time these 3x3 convolutions instead of the step")
+  parser.add_argument("--matmul", type=int, default=0,
+                      help="SIZE: time a [SIZE, SIZE] matmul instead of the step")
   args = parser.parse_args(argv)
 
+  if args.matmul:
+    print(json.dumps({"gflops": matmul_gflops(args.matmul, precision=args.precision,
+                                              repeats=args.repeats, warmup=args.warmup),
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    return
   if args.conv_layers:
     layers = [tuple(int(n) for n in layer.split(":")) for layer in args.conv_layers.split(",")]
     print(json.dumps({"layers": [conv_layer_seconds(

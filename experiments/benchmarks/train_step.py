@@ -1,4 +1,4 @@
-r"""Pretraining step speed against this machine's float32 matmul ceiling and a PyTorch peer.
+r"""Pretraining step speed against this machine's matmul ceilings and a PyTorch peer.
 
   python experiments/benchmarks/train_step.py [--widths=0.25,0.5,1] [--batch_size=64]
       [--steps=2] [--repeats=3] [--resnet50] [--conv_backends=xla,onednn,onednn_bf16]
@@ -15,7 +15,12 @@ reports image pairs/s (per wall-clock and per CPU second of the process) and mod
 cost analysis of the compiled XLA-backend step (custom calls are not counted, so it is the count for
 every backend) divided by the measured step time. Two baselines are measured in the same run, so
 the ratios hold better on a loaded machine than absolute times:
-  (a) the ceiling: a float32 square matmul under XLA (GFLOP/s = 2 n^3 / time);
+  (a) the ceilings, one per precision, each the best of its matmuls (GFLOP/s = 2 n^3 / time) timed
+      before and after the models: float32 rows against XLA's float32 [n, n] matmul; bfloat16
+      rows (the 'onednn_bf16' backend) against the fastest bfloat16 one of XLA's dot (which does
+      not reach the CPU's bfloat16 units: slower than its float32 one), the project's oneDNN
+      bfloat16 kernels on a matmul-shaped 1x1 convolution (native.conv.forward; the same kernels
+      the step's convolutions run) and, with the peer, PyTorch's torch.matmul in bfloat16;
   (b) the peer: the same network, loss and optimizer in plain PyTorch on the same CPU
       (torch_peer.py, run with --torch_python, an interpreter that has torch: see
       requirements-torch.txt), in float32, and for 'onednn_bf16' rows under bfloat16 autocast.
@@ -42,12 +47,17 @@ import optax
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 from simclr_jax import augment, host_memory, models, native, optim, sharding  # noqa: E402
+from simclr_jax.native import conv  # noqa: E402
 from simclr_jax.jobs import pretrain  # noqa: E402
 
 NUM_CLASSES = 10
 TEMPERATURE = 0.5
-# The peer's precision for each JAX convolution backend (torch_peer.py --precision).
-PEER_PRECISION = {"xla": "float32", "onednn": "float32", "onednn_bf16": "bfloat16"}
+# The precision each JAX convolution backend computes in: its ceiling's and its peer's
+# (torch_peer.py --precision).
+PRECISION = {"xla": "float32", "onednn": "float32", "onednn_bf16": "bfloat16"}
+# Pixels per image of the 1x1 convolution that is the oneDNN matmul: [n, n] @ [n, n] as n / 256
+# images of 16 x 16, which the kernels split over the threads like the step's batches.
+ONEDNN_MATMUL_PIXELS = 16
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
 
 
@@ -109,14 +119,37 @@ def flops_of(compiled) -> float:
   return float(analysis["flops"])
 
 
-def measure_matmul(size: int, repeats: int) -> float:
-  """GFLOP/s of an XLA float32 [size, size] @ [size, size]."""
+def measure_matmul(size: int, repeats: int, dtype=jnp.float32, onednn: bool = False) -> float:
+  """GFLOP/s of [size, size] @ [size, size] in `dtype`: XLA's dot, or with `onednn` the project's
+  oneDNN kernels as a 1x1 convolution (native.conv.forward) of size / 256 images of 16 x 16."""
   rng = np.random.default_rng(0)
-  a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
-  matmul = jax.jit(jnp.matmul)
+  a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32), dtype) for _ in range(2))
+  if onednn:
+    side = ONEDNN_MATMUL_PIXELS
+    a = a.reshape(size // side**2, side, side, size)
+    b = b.reshape(1, 1, size, size)
+    matmul = jax.jit(conv.forward)
+  else:
+    matmul = jax.jit(jnp.matmul)
   seconds, _ = best_seconds_per_call(lambda: matmul(a, b).block_until_ready(), calls=3,
                                      repeats=repeats)
   return 2 * size**3 / seconds / 1e9
+
+
+def measure_ceilings(size: int, repeats: int, torch_python: str, precisions: set[str],
+                     env: dict) -> dict[tuple[str, str], float]:
+  """GFLOP/s of each matmul measured for `precisions`, keyed by (precision, what ran it); the
+  peer's runs with `env` (peer_env)."""
+  ceilings = {("float32", "XLA dot"): measure_matmul(size, repeats)}
+  if "bfloat16" in precisions:
+    ceilings["bfloat16", "XLA dot"] = measure_matmul(size, repeats, jnp.bfloat16)
+    ceilings["bfloat16", "oneDNN 1x1 conv"] = measure_matmul(size, repeats, jnp.bfloat16,
+                                                             onednn=True)
+    if torch_python:
+      ceilings["bfloat16", "PyTorch matmul"] = run_peer(
+          [torch_python, PEER_SCRIPT, f"--matmul={size}", "--precision=bfloat16",
+           f"--repeats={3 * repeats}"], env=env)["gflops"]
+  return ceilings
 
 
 def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, repeats: int,
@@ -135,21 +168,25 @@ def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, r
   return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops": flops_of(compiled)}
 
 
-def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_size: int,
-                  steps: int, repeats: int, warmup: int, omp_wait_policy: str,
-                  precision: str, keep_freed_memory: bool = True) -> dict:
-  """Runs torch_peer.py; `omp_wait_policy` ('' = OpenMP's default) is set for that process, and
-  with `keep_freed_memory` glibc's malloc as host_memory sets this one."""
-  command = [torch_python, PEER_SCRIPT, f"--depth={config['depth']}",
-             f"--width_multiplier={config['width_multiplier']}", f"--image_size={image_size}",
-             f"--batch_size={batch_size}", f"--num_classes={NUM_CLASSES}", f"--steps={steps}",
-             f"--repeats={repeats}", f"--warmup={warmup}", f"--precision={precision}"] + (
-                 ["--cifar_stem"] if config["cifar_stem"] else [])
+def peer_env(omp_wait_policy: str, keep_freed_memory: bool = True) -> dict:
+  """The peer's environment: `omp_wait_policy` ('' = OpenMP's default), and with
+  `keep_freed_memory` glibc's malloc as host_memory sets this process's."""
   env = dict(os.environ)
   if keep_freed_memory:
     env["GLIBC_TUNABLES"] = host_memory.GLIBC_TUNABLES
   if omp_wait_policy:
     env["OMP_WAIT_POLICY"] = omp_wait_policy
+  return env
+
+
+def measure_torch(torch_python: str, config: dict, *, batch_size: int, image_size: int,
+                  steps: int, repeats: int, warmup: int, precision: str, env: dict) -> dict:
+  """Runs torch_peer.py's step in `env` (peer_env)."""
+  command = [torch_python, PEER_SCRIPT, f"--depth={config['depth']}",
+             f"--width_multiplier={config['width_multiplier']}", f"--image_size={image_size}",
+             f"--batch_size={batch_size}", f"--num_classes={NUM_CLASSES}", f"--steps={steps}",
+             f"--repeats={repeats}", f"--warmup={warmup}", f"--precision={precision}"] + (
+                 ["--cifar_stem"] if config["cifar_stem"] else [])
   result = run_peer(command, env=env)
   return {"seconds": result["seconds_per_step"], "cpu_seconds": result["cpu_seconds_per_step"],
           "torch": result["torch"], "threads": result["threads"]}
@@ -180,30 +217,39 @@ def _rate(value: float) -> str:
   return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def table(rows: list[dict], ceiling_gflops: float, has_peer: bool) -> str:
-  """Markdown; 'per CPU-s' columns divide by process CPU time (steadier on a shared machine)."""
-  header = ["model", "pairs/step", "JAX pairs/s", "JAX pairs/CPU-s", "JAX GFLOP/s",
-            "JAX % of matmul"]
+def table(rows: list[dict], ceilings: dict[str, tuple[str, float]], has_peer: bool) -> str:
+  """Markdown; each row against the ceiling of its precision (`ceilings`: precision -> (what
+  ran it, GFLOP/s)); 'per CPU-s' columns divide by process CPU time (steadier when shared)."""
+  header = ["model", "pairs/step", "JAX pairs/s", "JAX pairs/CPU-s", "JAX GFLOP/s", "ceiling",
+            "JAX % of ceiling"]
   if has_peer:
-    header += ["PyTorch precision", "PyTorch pairs/s", "PyTorch pairs/CPU-s",
-               "PyTorch % of matmul",
+    header += ["PyTorch pairs/s", "PyTorch pairs/CPU-s", "PyTorch % of ceiling",
                "JAX / PyTorch (wall)", "JAX / PyTorch (CPU)"]
   lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
   for r in rows:
     batch = r["batch_size"]
+    _, ceiling = ceilings[r["precision"]]
     jax_gflops = r["flops"] / r["jax_seconds"] / 1e9
     cells = [r["name"], f"{batch}", _rate(batch / r["jax_seconds"]),
              _rate(batch / r["jax_cpu_seconds"]), f"{jax_gflops:.1f}",
-             f"{100 * jax_gflops / ceiling_gflops:.0f}%"]
+             f"{r['precision']} {ceiling:.0f}", f"{100 * jax_gflops / ceiling:.0f}%"]
     if has_peer:
       torch_gflops = r["flops"] / r["torch_seconds"] / 1e9
-      cells += [r["torch_precision"], _rate(batch / r["torch_seconds"]),
-                _rate(batch / r["torch_cpu_seconds"]),
-                f"{100 * torch_gflops / ceiling_gflops:.0f}%",
+      cells += [_rate(batch / r["torch_seconds"]), _rate(batch / r["torch_cpu_seconds"]),
+                f"{100 * torch_gflops / ceiling:.0f}%",
                 f"{r['torch_seconds'] / r['jax_seconds']:.2f}x",
                 f"{r['torch_cpu_seconds'] / r['jax_cpu_seconds']:.2f}x"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def best_ceilings(runs: list[dict[tuple[str, str], float]]) -> dict[str, tuple[str, float]]:
+  """precision -> (what ran it, GFLOP/s): the fastest matmul of each precision in any run."""
+  best = {}
+  for (precision, source), gflops in ((key, max(run[key] for run in runs)) for key in runs[0]):
+    if gflops > best.get(precision, ("", 0.0))[1]:
+      best[precision] = (source, gflops)
+  return best
 
 
 def main(argv) -> None:
@@ -253,7 +299,14 @@ def main(argv) -> None:
   if args.resnet50:
     runs.append(("ResNet-50 w=1, 224 px", model_config(50, 1.0, False), args.resnet50_batch_size,
                  224))
-  ceilings = [measure_matmul(args.matmul_size, args.repeats)]
+  if args.matmul_size % ONEDNN_MATMUL_PIXELS**2:
+    raise ValueError(f"--matmul_size={args.matmul_size}: must be a multiple of "
+                     f"{ONEDNN_MATMUL_PIXELS**2} (the oneDNN matmul's images)")
+  env = peer_env(args.torch_omp_wait_policy, keep_freed_memory=not args.default_malloc)
+  precisions = {PRECISION[b] for b in conv_backends}
+  measure_all_ceilings = lambda: measure_ceilings(args.matmul_size, args.repeats,
+                                                  args.torch_python, precisions, env)
+  ceiling_runs = [measure_all_ceilings()]
   rows = []
   for name, config, batch_size, image_size in runs:
     timing = dict(steps=args.steps, repeats=args.repeats, batch_size=batch_size,
@@ -266,34 +319,37 @@ def main(argv) -> None:
                          **dict(timing, steps=1, repeats=1)))["flops"]
     if args.torch_python:
       peers = {precision: measure_torch(args.torch_python, config, warmup=args.torch_warmup,
-                                        omp_wait_policy=args.torch_omp_wait_policy,
-                                        keep_freed_memory=not args.default_malloc,
-                                        precision=precision, **timing)
-               for precision in sorted({PEER_PRECISION[b] for b in conv_backends})}
+                                        precision=precision, env=env, **timing)
+               for precision in sorted(precisions)}
       any_peer = next(iter(peers.values()))
       peer = (f"PyTorch {any_peer['torch']} with {any_peer['threads']} threads, "
               f"OMP_WAIT_POLICY={args.torch_omp_wait_policy or 'default'}")
     for (backend, norm), jax_result in jax_results.items():
       row = {"name": f"{name}, {backend} convs, {norm} BN", "batch_size": batch_size,
-             "flops": flops,
+             "flops": flops, "precision": PRECISION[backend],
              "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
       if args.torch_python:
-        torch_result = peers[PEER_PRECISION[backend]]
-        row.update(torch_precision=PEER_PRECISION[backend], torch_seconds=torch_result["seconds"],
+        torch_result = peers[PRECISION[backend]]
+        row.update(torch_seconds=torch_result["seconds"],
                    torch_cpu_seconds=torch_result["cpu_seconds"])
       rows.append(row)
     print(f"measured {name}", file=sys.stderr, flush=True)
-  ceilings.append(measure_matmul(args.matmul_size, args.repeats))
-  ceiling = max(ceilings)
+  ceiling_runs.append(measure_all_ceilings())
+  ceilings = best_ceilings(ceiling_runs)
+  measured = "; ".join(
+      f"{precision} {source} {', '.join(f'{run[precision, source]:.0f}' for run in ceiling_runs)}"
+      for precision, source in ceiling_runs[0])
   print(f"SimCLR pretraining step (jobs.pretrain.make_train_step, float32 parameters, SGD, "
         f"NT-Xent + online probe, augment={args.augment!r}), jax {jax.__version__} "
         f"on {jax.devices()[0].platform} x{os.cpu_count()} cores, "
-        f"{datetime.date.today().isoformat()}. Ceiling: XLA float32 {args.matmul_size}^3 matmul "
-        f"{ceiling:.0f} GFLOP/s (best of before/after: "
-        f"{', '.join(f'{c:.0f}' for c in ceilings)})"
+        f"{datetime.date.today().isoformat()}. Ceilings ({args.matmul_size}^3 matmuls, best of "
+        f"before/after the models): "
+        + ", ".join(f"{precision} {gflops:.0f} GFLOP/s ({source})"
+                    for precision, (source, gflops) in ceilings.items())
+        + f" [all, GFLOP/s before, after: {measured}]"
         + (f"; peer: {peer}." if args.torch_python else "; no PyTorch peer (--torch_python)."))
   print()
-  print(table(rows, ceiling, bool(args.torch_python)))
+  print(table(rows, ceilings, bool(args.torch_python)))
 
 
 if __name__ == "__main__":

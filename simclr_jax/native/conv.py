@@ -59,11 +59,20 @@ def _call(target: str, result_shape, *operands, strides, padding):
       padding_high=np.asarray([high for _, high in padding], np.int64))
 
 
+def forward(x, kernel, strides: Sequence[int] = (1, 1),
+            padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))):
+  """The forward custom call alone on NHWC x and HWIO kernel, both float32 or both bfloat16 (no
+  casts, no gradient; float32 result): the kernels' own speed, e.g. a matmul-shaped 1x1
+  convolution as the benchmarks' bfloat16 ceiling."""
+  strides = tuple(strides)
+  padding = tuple(tuple(pair) for pair in padding)
+  return _call(FORWARD, _output_shape(x.shape, kernel.shape, strides, padding), x, kernel,
+               strides=strides, padding=padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _onednn_conv(x, kernel, strides, padding, compute_dtype):
-  return _call(FORWARD, _output_shape(x.shape, kernel.shape, strides, padding),
-               x.astype(compute_dtype), kernel.astype(compute_dtype),
-               strides=strides, padding=padding)
+  return forward(x.astype(compute_dtype), kernel.astype(compute_dtype), strides, padding)
 
 
 def _onednn_conv_forward(x, kernel, strides, padding, compute_dtype):
