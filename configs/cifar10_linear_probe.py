@@ -13,7 +13,8 @@ Variants (config.model must describe the export; a mismatch is an error naming t
      45 log-spaced values in [1e-6, 1e5] chosen on 20% of train).
   `cpu`: the ResNet-18 at width 1/2 of cifar10_pretrain.py:cpu, L-BFGS protocol (minutes on a CPU).
   `smoke`: tiny, on the generated synthetic_shapes dataset (pair it with cifar10_pretrain.py:smoke).
-Both protocols also report the weighted k-NN top-1 (k=200, T=0.1) of the same features.
+Both protocols also report the weighted k-NN top-1 (k=200, T=0.1) of the same features, and with
+`--config.evals.mlp.enabled=True` the CIFAR-100 reproduction's MLP probe (evaluators/mlp.py).
 """
 import ml_collections
 
@@ -31,6 +32,8 @@ def probe_config(protocol: str = "sgd") -> ml_collections.ConfigDict:
   config.probe_protocol = protocol   # 'sgd': augmented SGD probe; 'lbfgs': transfer protocol
   config.lbfgs = common.lbfgs_config()
   config.evals.knn = common.knn_config()  # on the same features as the probe
+  # The CIFAR-100 reproduction's MLP probe (off; experiments/reproduction_study.sh uses it).
+  config.evals.mlp = common.mlp_probe_config()
   return config
 
 

@@ -84,16 +84,23 @@ def cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def with_probe(config: ml_collections.ConfigDict, probe_variant: str) -> ml_collections.ConfigDict:
+  """Names configs/cifar10_linear_probe.py:`probe_variant` as the probe of a CIFAR-10 run."""
+  if config.dataset in ("cifar10", common.SMOKE_DATASET):
+    config.probe_recipe = f"configs/cifar10_linear_probe.py:{probe_variant}"
+  return config
+
+
 def cifar_variants(dataset: str) -> common.Variants:
   """The variants of the CIFAR recipe on `dataset` (cifar10 or cifar100)."""
   return {
-      "r18": (lambda: cifar_recipe(dataset), "the official command: ResNet-18, B=512, 1000 "
-              "epochs, LARS"),
+      "r18": (lambda: with_probe(cifar_recipe(dataset), "r18"), "the official command: "
+              "ResNet-18, B=512, 1000 epochs, LARS"),
       "r50": (lambda: resnet50(cifar_recipe(dataset)), "ResNet-50 at B=1024, 1000 epochs"),
-      "cpu": (lambda: cpu(cifar_recipe(dataset)), "ResNet-18 at width 1/2, 24 px views, "
-              "bfloat16: 25 minutes on 2 CPU cores"),
-      "smoke": (lambda: common.shrink_to_smoke(cifar_recipe(dataset)), "tiny, 60 steps on the "
-                "generated synthetic_shapes"),
+      "cpu": (lambda: with_probe(cpu(cifar_recipe(dataset)), "cpu"), "ResNet-18 at width 1/2, "
+              "24 px views, bfloat16: 25 minutes on 2 CPU cores"),
+      "smoke": (lambda: with_probe(common.shrink_to_smoke(cifar_recipe(dataset)), "smoke"),
+                "tiny, 60 steps on the generated synthetic_shapes"),
   }
 
 

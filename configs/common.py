@@ -107,6 +107,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # Evaluators (simclr_jax.evaluators) run every `every_steps` (0 = only at the end) on h.
   config.evals = ml_collections.ConfigDict(dict(
       knn=knn_config(), linear=lbfgs_config(enabled=False), mlp=mlp_probe_config()))
+  # The probe recipe of this network ('configs/FILE.py:VARIANT'; '' = none): the next command
+  # the end-of-run summary prints.
+  config.probe_recipe = ""
   return config
 
 

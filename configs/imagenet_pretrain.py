@@ -43,12 +43,14 @@ def imagenet_recipe(num_epochs: float) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 2500
   # A 100k-image memory bank of 2048-d features (0.8 GB), scored on 10k validation images.
   config.evals.knn.update(every_steps=10000, train_examples=100_000, eval_examples=10_000)
+  config.probe_recipe = "configs/imagenet_linear_probe.py:r50"
   return config
 
 
 def smoke() -> ml_collections.ConfigDict:
   config = common.shrink_to_smoke(imagenet_recipe(100.0))
   config.eval_split = "test"
+  config.probe_recipe = ""
   return config
 
 

@@ -51,6 +51,7 @@ def cpu() -> ml_collections.ConfigDict:
   config.log_every_steps = 10
   config.checkpoint_every_steps = 200
   config.evals.knn.update(every_steps=1000, train_examples=5000, eval_examples=1000)
+  config.probe_recipe = "configs/imagenette_linear_probe.py:cpu"
   return config
 
 
@@ -60,6 +61,7 @@ def smoke() -> ml_collections.ConfigDict:
   config.max_train_minutes = 0.0
   config.schedule_fits_budget = False
   config.conv_backend = "auto"
+  config.probe_recipe = ""
   return config
 
 

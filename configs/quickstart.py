@@ -28,6 +28,7 @@ def quickstart() -> ml_collections.ConfigDict:
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   config.evals.knn.update(every_steps=0, at_start=True, train_examples=0, eval_examples=0, k=20)
+  config.probe_recipe = "configs/cifar10_linear_probe.py:smoke"
   return config
 
 

@@ -116,8 +116,12 @@ def evaluation_line(step: int, metrics: Mapping[str, float], seconds: float) -> 
   return f"step {step}{' (initial state)' if step == 0 else ''}: {values} ({duration(seconds)})"
 
 
-def pretrain_summary(results: Mapping[str, Any], workdir: str) -> str:
-  """The end of a pretraining run: what it did, pretrained vs random init, where things are."""
+def pretrain_summary(results: Mapping[str, Any], workdir: str,
+                     config: Mapping[str, Any] | None = None, *,
+                     generated_data: bool = False) -> str:
+  """The end of a pretraining run: what it did, pretrained vs random init, where things are,
+  and what to run next: the recipe's probe (`config.probe_recipe`) on this run's export and data
+  and, after a run on the generated data, the CIFAR-10 recipe."""
   from simclr_jax import workdir_files  # pylint: disable=g-import-not-at-top
   path = lambda name: os.path.join(workdir, name)
   lines = [f"pretrained {results['step']} steps ({results['epochs']:.1f} epochs of "
@@ -137,18 +141,27 @@ def pretrain_summary(results: Mapping[str, Any], workdir: str) -> str:
       f"curves:   {path(workdir_files.LOSS_CURVE_FILE)}, "
       f"or tensorboard --logdir {os.path.dirname(os.path.normpath(workdir)) or '.'}",
       f"views:    {path(workdir_files.AUGMENTATIONS_FILE)}  (the augmentations it trained on)",
-      "next:     probe it:  python -m simclr_jax.main --config=configs/cifar10_linear_probe.py:"
-      f"smoke --config.init_from={export} --workdir={os.path.normpath(workdir)}_probe",
-      "          CIFAR-10:  python -m simclr_jax.main --config=configs/cifar10_pretrain.py:cpu "
-      "--config.data_dir=DIR --workdir=workdirs/cifar10_cpu",
   ]
+  config = config or {}
+  next_steps = []
+  if config.get("probe_recipe"):
+    data_dir = f" --config.data_dir={config['data_dir']}" if config.get("data_dir") else ""
+    next_steps.append(f"probe it:  python -m simclr_jax.main --config={config['probe_recipe']}"
+                      f"{data_dir} --config.init_from={export} "
+                      f"--workdir={os.path.normpath(workdir)}_probe")
+  if generated_data:
+    next_steps.append("CIFAR-10:  python -m simclr_jax.main --config=configs/cifar10_pretrain.py:"
+                      "cpu --config.data_dir=DIR --workdir=workdirs/cifar10_cpu")
+  lines += [("next:     " if i == 0 else " " * 10) + step for i, step in enumerate(next_steps)]
   return "\n".join(lines)
 
 
-def results_summary(results: Mapping[str, Any], workdir: str) -> str:
+def results_summary(results: Mapping[str, Any], workdir: str,
+                    config: Mapping[str, Any] | None = None, *,
+                    generated_data: bool = False) -> str:
   """The last lines of any job: the pretraining summary, or a probe's / fine-tune's accuracy."""
   if results.get("mode") == "pretrain":
-    return pretrain_summary(results, workdir)
+    return pretrain_summary(results, workdir, config, generated_data=generated_data)
   numbers = ", ".join(f"{name} {results[name]:.1%}" for name in ("top1", "top5", "knn_top1")
                       if isinstance(results.get(name), float))
   return f"{results.get('mode')} on {results.get('dataset')}: {numbers}; results in {workdir}"

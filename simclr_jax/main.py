@@ -144,7 +144,8 @@ def main(argv):
   host_memory.keep_freed_memory()
   with contextlib.nullcontext() if verbose else console.native_notices_dropped():
     import jax  # pylint: disable=g-import-not-at-top
-    from simclr_jax import jobs, loop, sharding  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from simclr_jax import input_pipeline, jobs, loop, sharding
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   handler = logging.get_absl_handler()
@@ -169,7 +170,9 @@ def main(argv):
     _exit_with_user_error(str(e))
   logging.debug("results: %s", json.dumps(results, sort_keys=True))
   if jax.process_index() == 0:
-    print(console.results_summary(results, _WORKDIR.value), flush=True)
+    print(console.results_summary(
+        results, _WORKDIR.value, config,
+        generated_data=config.get("dataset") == input_pipeline.SYNTHETIC_DATASET), flush=True)
 
 
 if __name__ == "__main__":

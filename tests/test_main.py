@@ -6,6 +6,7 @@ The end-to-end tests launch `python -m simclr_jax.main` as a user would on a CPU
 side, then restarted; the restarted run must end bitwise equal to the uninterrupted one. The runs
 share a persistent XLA compilation cache, so the restart compiles nothing.
 """
+import importlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from configs import quickstart
 from configs import smoke_pretrain
 from simclr_jax import augment
 from simclr_jax import checkpointing
+from simclr_jax import console
 from simclr_jax import input_pipeline
 from simclr_jax import jobs
 from simclr_jax import loop
@@ -229,7 +231,11 @@ def test_quickstart_is_quiet_and_ends_with_pretrained_against_random_init(env, t
                workdir_files.AUGMENTATIONS_FILE):
     assert f"{os.path.join(workdir, name)}" in summary
     assert os.path.exists(os.path.join(workdir, name)), name
-  assert f"--config.init_from={os.path.join(workdir, workdir_files.EXPORT_DIR)}" in summary
+  export = os.path.join(workdir, workdir_files.EXPORT_DIR)
+  assert (f"next:     probe it:  python -m simclr_jax.main --config=configs/cifar10_linear_probe.py:"
+          f"smoke --config.data_dir={tmp_path / 'tfds'} --config.init_from={export} "
+          f"--workdir={workdir}_probe") in summary
+  assert "CIFAR-10:  python -m simclr_jax.main --config=configs/cifar10_pretrain.py:cpu" in summary
   with open(os.path.join(workdir, workdir_files.RESULTS_FILE)) as f:
     results = json.load(f)
   assert results["initial_knn_top1"] == pytest.approx(random_init / 100, abs=5e-4)
@@ -286,3 +292,38 @@ def test_cli_run_preempted_by_sigterm_resumes_to_the_uninterrupted_result(data_d
     assert json.load(f)["start_step"] == stopped_at
   jax.tree.map(np.testing.assert_array_equal, checkpointed_state(interrupted, 24),
                checkpointed_state(uninterrupted, 24))
+
+
+def load_recipe(recipe):
+  """`configs/FILE.py:VARIANT` as `python -m simclr_jax.main --config=` would load it."""
+  path, _, variant = recipe.partition(":")
+  module = importlib.import_module(path[:-len(".py")].replace("/", "."))
+  return module.get_config(variant or None)
+
+
+@pytest.mark.parametrize("recipe,probe", [
+    ("configs/cifar10_pretrain.py:cpu", "configs/cifar10_linear_probe.py:cpu"),
+    ("configs/cifar10_pretrain.py:r18", "configs/cifar10_linear_probe.py:r18"),
+    ("configs/imagenette_pretrain.py:cpu", "configs/imagenette_linear_probe.py:cpu"),
+    ("configs/imagenet_pretrain.py:r50_100ep", "configs/imagenet_linear_probe.py:r50"),
+    ("configs/cifar100_pretrain.py:cpu", None),
+])
+def test_the_summary_suggests_the_probe_recipe_of_the_run(recipe, probe):
+  """After a real-data run, the next command is the probe of that recipe's network, on its data;
+  the CIFAR-10 suggestion is only for runs on the generated data."""
+  config = load_recipe(recipe)
+  config.data_dir = "DATA"
+  results = {"step": 10, "epochs": 1.0, "dataset": config.dataset, "train_seconds": 5.0,
+             "pairs_per_sec": 100.0}
+  summary = console.results_summary({"mode": "pretrain", **results}, "runs/x", config)
+  if probe is None:
+    assert "probe it" not in summary
+  else:
+    assert (f"next:     probe it:  python -m simclr_jax.main --config={probe} "
+            "--config.data_dir=DATA --config.init_from=runs/x/export --workdir=runs/x_probe"
+            ) in summary
+  assert "CIFAR-10:" not in summary
+  if probe:  # the suggested probe recipe exists and describes the run's network
+    probe_config = load_recipe(probe)
+    for field in ("depth", "width_multiplier", "cifar_stem", "head_layers"):
+      assert probe_config.model[field] == config.model[field], (probe, field)
