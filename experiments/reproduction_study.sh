@@ -185,7 +185,7 @@ for axis, (case, path) in zip(axes[0], paths):
   axis.set_title(case, fontsize=14)
   axis.axis("off")
 figure.tight_layout()
-figure.savefig(out, dpi=80)
+figure.savefig(out, dpi=50)
 print(f"wrote {out}")
 PYTHON
 }
