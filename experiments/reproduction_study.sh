@@ -119,8 +119,7 @@ report_probe() {
   done
   run="$ROOT/random_init/report_setup"
   [ -d "$run/export" ] || "$PYTHON" -m simclr_jax.tools.export_random_init --config="$RECIPE" \
-    --workdir="$run" --config.data_dir="$DATA_DIR" --config.model.depth=50 \
-    --config.model.width_multiplier=1.0 --config.model.cifar_stem=False --config.image_size=32
+    --workdir="$run" --config.data_dir="$DATA_DIR" "${resnet50[@]}" --config.image_size=32
   mlp_probes "$run/export" "$run/mlp_probe" "${resnet50[@]}"
 }
 
