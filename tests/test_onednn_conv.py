@@ -1,6 +1,7 @@
 """oneDNN convolutions (the CPU default, simclr_jax/native/conv.py) equal XLA's, its bfloat16 ones
-equal float32 convolutions of bfloat16-rounded operands, inside `shard_map` on 8 devices as on
-one, and what they do not run goes to XLA. Choosing the backend: test_native_backends.
+equal float32 convolutions of bfloat16-rounded operands, bfloat16 maps give bfloat16 results and
+gradients rounded once, inside `shard_map` on 8 devices as on one, and what they do not run goes
+to XLA. Choosing the backend: test_native_backends.
 """
 import functools
 
@@ -49,9 +50,10 @@ def output_and_gradients(conv, x, kernel, dy):
   return jax.jit(run)(x, kernel, dy)
 
 
-def assert_close(results, expected, rtol):
+def assert_close(results, expected, rtol, dtype=jnp.float32):
   for name, result, exact in zip(("y", "dx", "dkernel"), results, expected):
-    assert result.dtype == jnp.float32, name
+    assert result.dtype == dtype, name
+    result = np.asarray(result, np.float32)
     error = float(np.abs(result - exact).max() / np.abs(exact).max())
     assert error <= rtol, f"{name}: max error {error:.1e} of the largest value"
 
@@ -91,6 +93,32 @@ def test_bfloat16_backend_is_a_float32_conv_of_bfloat16_operands(case):
   assert np.abs(results[0] - y_float32).max() > 1e-4 * np.abs(y_float32).max()
 
 
+@pytest.mark.parametrize("backend", ["onednn", "onednn_bf16"])
+@pytest.mark.parametrize("case", CASES)
+def test_bfloat16_maps_give_their_float32_conv_rounded_once(case, backend):
+  """A model with dtype=bfloat16 hands bfloat16 operands (and output gradients) over as they are:
+  on either backend y, dx and dkernel are bfloat16, each the float32 convolution of those values
+  rounded to bfloat16 once (half a bfloat16 ulp, at most 2^-8 of the value, plus float32 summation);
+  the kernel gradient's parts are summed in float32 before that one rounding."""
+  x_shape, kernel_shape, strides, padding = CASES[case]
+  x, kernel = random_inputs(x_shape, kernel_shape, jnp.bfloat16)
+  conv = functools.partial(native.conv_function(backend), window_strides=strides,
+                           padding=padding, dimension_numbers=NHWC)
+  dy = jax.random.normal(jax.random.key(2), jax.eval_shape(conv, x, kernel).shape, jnp.bfloat16)
+  assert calls_onednn(jax.grad(lambda x, k: jnp.vdot(conv(x, k), dy).astype(jnp.float32),
+                               (0, 1)), x, kernel)
+  as_float32 = lambda a: a.astype(jnp.float32)
+  expected = output_and_gradients(lambda x, k: exact_conv(x, k, strides, padding),
+                                  as_float32(x), as_float32(kernel), as_float32(dy))
+  results = output_and_gradients(conv, x, kernel, dy)
+  for name, result, exact in zip(("y", "dx", "dkernel"), results, expected):
+    assert result.dtype == jnp.bfloat16, name
+    exact = np.asarray(exact)
+    error = np.abs(np.asarray(result, np.float32) - exact)
+    bound = 2.0**-8 * np.abs(exact) + 1e-6 * np.abs(exact).max()
+    assert np.all(error <= bound), f"{name}: {np.sum(error > bound)} values beyond one rounding"
+
+
 def test_forward_on_bfloat16_operands_is_their_float64_matmul():
   """native.conv.forward takes operands already in bfloat16 (the benchmarks' bfloat16 ceiling, a
   1x1 convolution shaped as a matmul): the product of those values, summed in float32."""
@@ -103,7 +131,7 @@ def test_forward_on_bfloat16_operands_is_their_float64_matmul():
 
 
 @pytest.mark.parametrize("dtype, kwargs", [
-    (jnp.bfloat16, {}),
+    (jnp.float16, {}),
     (jnp.float32, {"rhs_dilation": (2, 2)}),
     (jnp.float32, {"feature_group_count": 2}),
 ])
@@ -119,14 +147,17 @@ def test_what_onednn_does_not_run_goes_to_xla_unchanged(dtype, kwargs):
   jax.tree.map(np.testing.assert_array_equal, value_and_grads, expected)
 
 
-@pytest.mark.parametrize("backend", ["onednn", "onednn_bf16"])
-def test_eight_devices_in_shard_map_equal_one(backend):
+@pytest.mark.parametrize("backend, dtype, rtol", [
+    ("onednn", jnp.float32, 1e-5), ("onednn_bf16", jnp.float32, 1e-5),
+    # each device's kernel gradient is rounded to bfloat16 before the sum over devices
+    ("onednn_bf16", jnp.bfloat16, 2e-2)])
+def test_eight_devices_in_shard_map_equal_one(backend, dtype, rtol):
   """Each device convolves its own shard; the kernel's gradient is summed over devices, as for
   XLA's convolutions (global batch norm and the trainer: test_train)."""
-  x, kernel = random_inputs((16, 8, 8, 4), (3, 3, 4, 6))
+  x, kernel = random_inputs((16, 8, 8, 4), (3, 3, 4, 6), dtype)
   conv = native.conv_function(backend)
   loss = lambda x, k: jnp.sum(jnp.tanh(conv(x, k, (2, 2), ((1, 1), (1, 1)),
-                                            dimension_numbers=NHWC)))
+                                            dimension_numbers=NHWC).astype(jnp.float32)))
   mesh = jax.make_mesh((8,), ("data",))
   sharded_grads = jax.jit(jax.shard_map(
       jax.grad(loss, (0, 1)), mesh=mesh, in_specs=(jax.P("data"), jax.P()),
@@ -135,13 +166,16 @@ def test_eight_devices_in_shard_map_equal_one(backend):
   kernel_replicated = jax.device_put(kernel, jax.NamedSharding(mesh, jax.P()))
   dx, dkernel = sharded_grads(x_sharded, kernel_replicated)
   dx_1, dkernel_1 = jax.jit(jax.grad(loss, (0, 1)))(x, kernel)
-  np.testing.assert_allclose(dx, dx_1, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(dkernel, dkernel_1, rtol=1e-5, atol=1e-6)
+  assert dx.dtype == dkernel.dtype == dtype
+  as_float32 = lambda a: np.asarray(a, np.float32)
+  dx_rtol = 1e-6 if dtype == jnp.float32 else 2.0**-7  # a rounding may go the other way: one ulp
+  np.testing.assert_allclose(as_float32(dx), as_float32(dx_1), rtol=dx_rtol, atol=1e-6)
+  assert relative_distance(dkernel, dkernel_1) < rtol
 
 
 def test_the_kernels_reject_other_dtypes_with_a_clear_error():
   x, kernel = random_inputs((2, 4, 4, 3), (3, 3, 3, 2), jnp.float16)
-  with pytest.raises(Exception, match="operands must be F32 or BF16"):
+  with pytest.raises(Exception, match="operands and results must be F32 or BF16"):
     jax.block_until_ready(jax.jit(lambda x, k: onednn_conv._call(
         onednn_conv.FORWARD, (2, 4, 4, 2), x, k, strides=(1, 1),
         padding=((1, 1), (1, 1))))(x, kernel))

@@ -2,9 +2,10 @@ r"""Batch norm's training pass (forward + backward) per CIFAR ResNet-18 map: nn.
 XLA against the native kernels (config.norm_backend), with a copy of the map as the yardstick.
 
   python experiments/benchmarks/batch_norm.py [--width_multiplier=0.25] [--images=128]
-      [--calls=20] [--repeats=5]
+      [--calls=20] [--repeats=5] [--dtype=float32]
 
-For each stage's map ([images, 32/2^k, 32/2^k, 64 * width * 2^k], float32) times one jitted
+For each stage's map ([images, 32/2^k, 32/2^k, 64 * width * 2^k], float32, or bfloat16 as a
+model with config.dtype='bfloat16' has them, the module then in bfloat16 too) times one jitted
 forward + backward of simclr_jax.models.BatchNorm in training mode (batch statistics, running
 averages updated) with the block's ReLU, and with the residual sum + ReLU that ends a block,
 once with native=False (nn.BatchNorm's code) and once with native=True. The yardstick is XLA
@@ -42,9 +43,9 @@ def best_milliseconds(function, *args, calls: int, repeats: int) -> float:
   return best * 1e3
 
 
-def training_pass(native: bool, residual: bool):
+def training_pass(native: bool, residual: bool, dtype):
   """jit(x, residual, dy) -> (y, batch_stats, gradients of x, params and residual)."""
-  module = models.BatchNorm(use_running_average=False, native=native)
+  module = models.BatchNorm(use_running_average=False, native=native, dtype=dtype)
 
   def run(variables, x, residual_map, dy):
     def forward(params, x, residual_map):
@@ -63,13 +64,15 @@ def main(argv) -> None:
   parser.add_argument("--images", type=int, default=128, help="images per map (2 per pair)")
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", choices=tuple(models.COMPUTE_DTYPES))
   args = parser.parse_args(argv)
+  dtype = models.COMPUTE_DTYPES[args.dtype]
   host_memory.keep_freed_memory()
   resolve_backend("norm_backend", "native")  # says why, before measuring, if the kernels cannot run
   rng = np.random.default_rng(0)
   double = jax.jit(lambda x: 2.0 * x)
   print(f"Batch norm training pass (forward + backward, ReLU), jax {jax.__version__} on "
-        f"{jax.devices()[0].platform} x{os.cpu_count()} cores, "
+        f"{jax.devices()[0].platform} x{os.cpu_count()} cores, {args.dtype} maps, "
         f"{datetime.date.today().isoformat()}; milliseconds, best of {args.repeats} x "
         f"{args.calls} calls.\n")
   print("| map | MB | 2 * x (XLA) | nn.BatchNorm | native | native speed-up | + residual: "
@@ -79,13 +82,12 @@ def main(argv) -> None:
     side = 32 // 2**stage
     channels = models.scaled_channels(64 * 2**stage, args.width_multiplier)
     shape = (args.images, side, side, channels)
-    x, residual_map, dy = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                           for _ in range(3))
+    x, residual_map, dy = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
     copy_ms = best_milliseconds(double, x, calls=args.calls, repeats=args.repeats)
     times = []
     for residual in (False, True):
       for native in (False, True):
-        module, run = training_pass(native, residual)
+        module, run = training_pass(native, residual, dtype)
         variables = module.init(jax.random.key(0), x)
         times.append(best_milliseconds(run, variables, x, residual_map, dy, calls=args.calls,
                                        repeats=args.repeats))

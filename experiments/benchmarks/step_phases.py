@@ -2,11 +2,13 @@ r"""Where the pretraining step's time goes, phase by phase, from XLA's own profi
 
   python experiments/benchmarks/step_phases.py [--widths=0.25,0.5,1] [--batch_size=64]
       [--steps=3] [--repeats=3] [--conv_backend=onednn_bf16] [--norm_backend=native]
-      [--augment=simclr_cifar] [--image_size=32] [--matmul_size=2048]
+      [--dtype=bfloat16] [--augment=simclr_cifar] [--image_size=32] [--matmul_size=2048]
 
 Builds train_step.py's step (the trainer's jobs.pretrain.make_train_step, SGD) for the CIFAR
 ResNet-18 at each width, by default as the `cpu` recipe runs it: oneDNN bfloat16 convolutions,
-the native batch norm, and the simclr_cifar augmentation on the native backend inside the step.
+the native batch norm, bfloat16 maps between the layers (--dtype=float32: float32 maps, cast to
+bfloat16 at each convolution), and the simclr_cifar augmentation on the native backend inside
+the step.
 It times the step (best of --repeats windows of --steps), then records --steps more under
 jax.profiler with XLA's per-thunk trace events on (XLA_FLAGS=--xla_cpu_enable_xprof_traceme, set
 here before JAX starts), and sums each top-level thunk's time into a phase by what the compiled
@@ -41,7 +43,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (puts the repository root on sys.path)
-from simclr_jax import augment, host_memory, losses, loop, native  # noqa: E402
+from simclr_jax import augment, host_memory, losses, loop, models, native  # noqa: E402
 from simclr_jax.models import batch_norm as model_batch_norm  # noqa: E402
 from simclr_jax.native import augment as native_augment  # noqa: E402
 from simclr_jax.native import batch_norm as native_batch_norm  # noqa: E402
@@ -168,12 +170,12 @@ def thunk_seconds(trace_dir: str) -> collections.Counter:
 
 
 def measure(config: dict, *, batch_size: int, image_size: int, augment_preset: str,
-            conv_backend: str, norm_backend: str, steps: int, repeats: int) -> dict:
+            conv_backend: str, norm_backend: str, dtype: str, steps: int, repeats: int) -> dict:
   """Per step: seconds of each phase (traced), the traced step and the untraced step (best of
   `repeats` windows), and the convolution passes' GFLOP."""
   step, (state, batch) = train_step.build_pretrain_step(
       config, batch_size=batch_size, image_size=image_size, augment_preset=augment_preset,
-      conv_backend=conv_backend, norm_backend=norm_backend)
+      conv_backend=conv_backend, norm_backend=norm_backend, dtype=dtype)
   compiled = step.lower(state, batch).compile()
   instructions = entry_instructions(compiled.as_text())
   holder = [state]
@@ -236,6 +238,8 @@ def main(argv) -> None:
   parser.add_argument("--conv_backend", default="onednn_bf16", choices=("onednn", "onednn_bf16"),
                       help="the oneDNN convolutions, whose passes the profile tells apart")
   parser.add_argument("--norm_backend", default="native")
+  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                      help="the maps' dtype between the layers (config.dtype)")
   parser.add_argument("--augment", default="simclr_cifar",
                       help="augmentation preset inside the step (native backend on CPU)")
   parser.add_argument("--matmul_size", type=int, default=2048,
@@ -246,22 +250,23 @@ def main(argv) -> None:
   host_memory.keep_freed_memory()  # as the trainer does, before JAX's threads
   conv_backend = native.resolve_backend("conv_backend", args.conv_backend)
   norm_backend = native.resolve_backend("norm_backend", args.norm_backend)
-  dtype = jnp.bfloat16 if train_step.PRECISION[conv_backend] == "bfloat16" else jnp.float32
-  ceiling = lambda: train_step.measure_matmul(args.matmul_size, args.repeats, dtype, onednn=True)
+  precision = train_step.precision(conv_backend, args.dtype)
+  ceiling = lambda: train_step.measure_matmul(args.matmul_size, args.repeats,
+                                              models.COMPUTE_DTYPES[precision], onednn=True)
   ceilings = [ceiling()]
   results = {}
   for width in (float(w) for w in args.widths.split(",")):
     results[f"w={width:g}"] = measure(
         train_step.model_config(18, width, cifar_stem=True), batch_size=args.batch_size,
         image_size=args.image_size, augment_preset=args.augment, conv_backend=conv_backend,
-        norm_backend=norm_backend, steps=args.steps, repeats=args.repeats)
+        norm_backend=norm_backend, dtype=args.dtype, steps=args.steps, repeats=args.repeats)
     print(f"measured w={width:g}", file=sys.stderr, flush=True)
   ceilings.append(ceiling())
   print(f"Pretraining step by phase (ResNet-18 CIFAR, {args.batch_size} pairs at "
-        f"{args.image_size} px, {conv_backend} convs, {norm_backend} BN, augment="
-        f"{args.augment!r}), jax {jax.__version__}, {os.cpu_count()} cores, "
+        f"{args.image_size} px, {conv_backend} convs, {norm_backend} BN, {args.dtype} maps, "
+        f"augment={args.augment!r}), jax {jax.__version__}, {os.cpu_count()} cores, "
         f"{datetime.date.today().isoformat()}; ms per step (% of the traced step), means over "
-        f"{args.steps} traced steps. Ceiling: {train_step.PRECISION[conv_backend]} "
+        f"{args.steps} traced steps. Ceiling: {precision} "
         f"{args.matmul_size}^3 matmul (oneDNN 1x1 conv) {max(ceilings):.0f} GFLOP/s "
         f"(before, after: {', '.join(f'{c:.0f}' for c in ceilings)}).")
   print()

@@ -2,7 +2,8 @@ r"""Pretraining step speed against this machine's matmul ceilings and a PyTorch 
 
   python experiments/benchmarks/train_step.py [--widths=0.25,0.5,1] [--batch_size=64]
       [--steps=2] [--repeats=3] [--resnet50] [--conv_backends=xla,onednn,onednn_bf16]
-      [--norm_backends=jax,native] [--torch_python=/path/to/venv/bin/python] [--default_malloc]
+      [--norm_backends=jax,native] [--dtypes=float32,bfloat16]
+      [--torch_python=/path/to/venv/bin/python] [--default_malloc]
 
 For each model (CIFAR ResNet-18 at each width, 32 px; with --resnet50 also a ResNet-50 at 224 px)
 builds the trainer's own update step (simclr_jax.jobs.pretrain.make_train_step: both views through
@@ -10,20 +11,23 @@ the model, NT-Xent + the online probe's loss, here with optim.create_optimizer('
 augmentation unless --augment names a preset) on one device, once per convolution backend
 (config.conv_backend: XLA's own convolutions; oneDNN's float32 convolutions, the CPU default;
 oneDNN's bfloat16 convolutions, the cpu recipe's) and batch norm backend (config.norm_backend:
-JAX's nn.BatchNorm; the C++ kernels with the ReLU and residual fused, the CPU default), and
-reports image pairs/s (per wall-clock and per CPU second of the process) and model FLOP/s: XLA's
-cost analysis of the compiled XLA-backend step (custom calls are not counted, so it is the count for
-every backend) divided by the measured step time. Two baselines are measured in the same run, so
-the ratios hold better on a loaded machine than absolute times:
+JAX's nn.BatchNorm; the C++ kernels with the ReLU and residual fused, the CPU default) and compute
+dtype (config.dtype: 'bfloat16' keeps the maps in bfloat16 between the layers, as the cpu recipe
+and PyTorch's autocast do), and reports image pairs/s (per wall-clock and per CPU second of the
+process) and model FLOP/s: XLA's cost analysis of the compiled XLA-backend step (custom calls
+are not counted, so it is the count for every backend) divided by the measured step time. Two
+baselines are measured in the same run, so the ratios hold better on a loaded machine than
+absolute times:
   (a) the ceilings, one per precision, each the best of its matmuls (GFLOP/s = 2 n^3 / time) timed
       before and after the models: float32 rows against XLA's float32 [n, n] matmul; bfloat16
-      rows (the 'onednn_bf16' backend) against the fastest bfloat16 one of XLA's dot (which does
-      not reach the CPU's bfloat16 units: slower than its float32 one), the project's oneDNN
-      bfloat16 kernels on a matmul-shaped 1x1 convolution (native.conv.forward; the same kernels
-      the step's convolutions run) and, with the peer, PyTorch's torch.matmul in bfloat16;
+      rows (the 'onednn_bf16' backend, or bfloat16 maps) against the fastest bfloat16 one of
+      XLA's dot (which does not reach the CPU's bfloat16 units: slower than its float32 one), the
+      project's oneDNN bfloat16 kernels on a matmul-shaped 1x1 convolution (native.conv.forward;
+      the same kernels the step's convolutions run) and, with the peer, PyTorch's torch.matmul in
+      bfloat16;
   (b) the peer: the same network, loss and optimizer in plain PyTorch on the same CPU
       (torch_peer.py, run with --torch_python, an interpreter that has torch: see
-      requirements-torch.txt), in float32, and for 'onednn_bf16' rows under bfloat16 autocast.
+      requirements-torch.txt), in float32, and for bfloat16 rows under bfloat16 autocast.
       The peer's FLOP/s use the same XLA flop count.
 Times are the best of --repeats windows of --steps steps after warm-up steps (one for the
 compiled JAX step, --torch_warmup for eager PyTorch; other processes only ever add time). Inputs
@@ -53,8 +57,12 @@ from simclr_jax.jobs import pretrain  # noqa: E402
 NUM_CLASSES = 10
 TEMPERATURE = 0.5
 # The precision each JAX convolution backend computes in: its ceiling's and its peer's
-# (torch_peer.py --precision).
+# (torch_peer.py --precision); any backend computes in bfloat16 on bfloat16 maps.
 PRECISION = {"xla": "float32", "onednn": "float32", "onednn_bf16": "bfloat16"}
+
+
+def precision(conv_backend: str, dtype: str) -> str:
+  return "bfloat16" if dtype == "bfloat16" else PRECISION[conv_backend]
 # Pixels per image of the 1x1 convolution that is the oneDNN matmul: [n, n] @ [n, n] as n / 256
 # images of 16 x 16, which the kernels split over the threads like the step's batches.
 ONEDNN_MATMUL_PIXELS = 16
@@ -67,7 +75,7 @@ def model_config(depth: int, width_multiplier: float, cifar_stem: bool) -> dict:
 
 def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int,
                         augment_preset: str = "none", conv_backend: str = "xla",
-                        norm_backend: str = "jax", seed: int = 0
+                        norm_backend: str = "jax", dtype: str = "float32", seed: int = 0
                         ) -> tuple[Callable, tuple[Any, Any]]:
   """The trainer's own update step (jobs.pretrain.make_train_step) on one device, with SGD.
 
@@ -77,7 +85,8 @@ def build_pretrain_step(model_config_: dict, *, batch_size: int, image_size: int
   """
   mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
   model = models.create_model(model_config_, num_classes=NUM_CLASSES, axis_name=sharding.DATA_AXIS,
-                              conv_backend=conv_backend, norm_backend=norm_backend)
+                              conv_backend=conv_backend, norm_backend=norm_backend,
+                              dtype=models.COMPUTE_DTYPES[dtype])
   learning_rate = optax.constant_schedule(0.1)
   optimizer = optim.create_optimizer("sgd", learning_rate, weight_decay=1e-6, momentum=0.9)
   augment_view = augment.build_augmentation(augment.get_preset(augment_preset), image_size)
@@ -153,10 +162,12 @@ def measure_ceilings(size: int, repeats: int, torch_python: str, precisions: set
 
 
 def measure_jax(config: dict, *, batch_size: int, image_size: int, steps: int, repeats: int,
-                augment_preset: str, conv_backend: str, norm_backend: str = "jax") -> dict:
+                augment_preset: str, conv_backend: str, norm_backend: str = "jax",
+                dtype: str = "float32") -> dict:
   step, (state, batch) = build_pretrain_step(config, batch_size=batch_size,
                                              image_size=image_size, augment_preset=augment_preset,
-                                             conv_backend=conv_backend, norm_backend=norm_backend)
+                                             conv_backend=conv_backend, norm_backend=norm_backend,
+                                             dtype=dtype)
   compiled = step.lower(state, batch).compile()
   holder = [state]
 
@@ -269,6 +280,9 @@ def main(argv) -> None:
   parser.add_argument("--norm_backends", default="jax,native",
                       help="batch norm backends to time each convolution backend with "
                       "(config.norm_backend)")
+  parser.add_argument("--dtypes", default="float32",
+                      help="compute dtypes to time each backend pair with (config.dtype; "
+                      "'bfloat16': bfloat16 maps between the layers)")
   parser.add_argument("--torch_python", default="",
                       help="interpreter with torch for the PyTorch peer (omit to skip the peer)")
   parser.add_argument("--torch_omp_wait_policy", default="PASSIVE",
@@ -293,6 +307,10 @@ def main(argv) -> None:
   norm_backends = args.norm_backends.split(",")
   for backend in norm_backends:
     native.resolve_backend("norm_backend", backend)
+  dtypes = args.dtypes.split(",")
+  for dtype in dtypes:
+    if dtype not in models.COMPUTE_DTYPES:
+      raise ValueError(f"--dtypes: {dtype!r}; allowed: {', '.join(models.COMPUTE_DTYPES)}")
   widths = [float(w) for w in args.widths.split(",")]
   runs = [(f"ResNet-18 CIFAR w={w:g}, 32 px", model_config(18, w, True), args.batch_size, 32)
           for w in widths]
@@ -303,7 +321,7 @@ def main(argv) -> None:
     raise ValueError(f"--matmul_size={args.matmul_size}: must be a multiple of "
                      f"{ONEDNN_MATMUL_PIXELS**2} (the oneDNN matmul's images)")
   env = peer_env(args.torch_omp_wait_policy, keep_freed_memory=not args.default_malloc)
-  precisions = {PRECISION[b] for b in conv_backends}
+  precisions = {precision(b, dtype) for b in conv_backends for dtype in dtypes}
   measure_all_ceilings = lambda: measure_ceilings(args.matmul_size, args.repeats,
                                                   args.torch_python, precisions, env)
   ceiling_runs = [measure_all_ceilings()]
@@ -311,25 +329,26 @@ def main(argv) -> None:
   for name, config, batch_size, image_size in runs:
     timing = dict(steps=args.steps, repeats=args.repeats, batch_size=batch_size,
                   image_size=image_size)
-    jax_results = {(conv, norm): measure_jax(config, augment_preset=args.augment,
-                                             conv_backend=conv, norm_backend=norm, **timing)
-                   for conv in conv_backends for norm in norm_backends}
-    flops = (jax_results["xla", "jax"] if ("xla", "jax") in jax_results else
+    jax_results = {(conv, norm, dtype): measure_jax(
+        config, augment_preset=args.augment, conv_backend=conv, norm_backend=norm, dtype=dtype,
+        **timing) for conv in conv_backends for norm in norm_backends for dtype in dtypes}
+    flops = (jax_results["xla", "jax", "float32"] if ("xla", "jax", "float32") in jax_results else
              measure_jax(config, augment_preset=args.augment, conv_backend="xla",
                          **dict(timing, steps=1, repeats=1)))["flops"]
     if args.torch_python:
-      peers = {precision: measure_torch(args.torch_python, config, warmup=args.torch_warmup,
-                                        precision=precision, env=env, **timing)
-               for precision in sorted(precisions)}
+      peers = {name: measure_torch(args.torch_python, config, warmup=args.torch_warmup,
+                                   precision=name, env=env, **timing)
+               for name in sorted(precisions)}
       any_peer = next(iter(peers.values()))
       peer = (f"PyTorch {any_peer['torch']} with {any_peer['threads']} threads, "
               f"OMP_WAIT_POLICY={args.torch_omp_wait_policy or 'default'}")
-    for (backend, norm), jax_result in jax_results.items():
-      row = {"name": f"{name}, {backend} convs, {norm} BN", "batch_size": batch_size,
-             "flops": flops, "precision": PRECISION[backend],
+    for (backend, norm, dtype), jax_result in jax_results.items():
+      maps = ", bfloat16 maps" if dtype == "bfloat16" else ""
+      row = {"name": f"{name}, {backend} convs, {norm} BN{maps}", "batch_size": batch_size,
+             "flops": flops, "precision": precision(backend, dtype),
              "jax_seconds": jax_result["seconds"], "jax_cpu_seconds": jax_result["cpu_seconds"]}
       if args.torch_python:
-        torch_result = peers[PRECISION[backend]]
+        torch_result = peers[row["precision"]]
         row.update(torch_seconds=torch_result["seconds"],
                    torch_cpu_seconds=torch_result["cpu_seconds"])
       rows.append(row)

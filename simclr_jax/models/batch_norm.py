@@ -2,9 +2,9 @@
 
 `BatchNorm` is `nn.BatchNorm` (the same variables, statistics and running averages, so
 checkpoints, exports and the TF1 converter see no difference) whose call also takes the block's
-`residual` and `relu`. With `native=True` a training-mode call on float32 maps runs as native C++
-kernels (`simclr_jax.native.batch_norm_train`: nn.BatchNorm under XLA takes 1.4-1.9x as long on
-ResNet-18's maps). Anything else (running averages, other dtypes, `axis_index_groups`, masks) is
+`residual` and `relu`. With `native=True` a training-mode call on float32 or bfloat16 maps (in the
+module's own dtype) runs as native C++ kernels (`simclr_jax.native.batch_norm_train`:
+nn.BatchNorm under XLA takes 1.4-1.9x as long on ResNet-18's maps). Anything else (running averages, other dtypes, `axis_index_groups`, masks) is
 `nn.BatchNorm`'s own code.
 
 `statistics_over(mask)` makes every batch norm layer of a model in training mode take its batch
@@ -47,12 +47,15 @@ class BatchNorm(nn.BatchNorm):
     return y
 
   def _fusable(self, x, residual) -> bool:
-    float32 = x.dtype == jnp.float32 and (residual is None or residual.dtype == jnp.float32)
-    return (float32 and x.ndim >= 2 and self.axis in (-1, x.ndim - 1) and self.use_scale
+    """Whether the kernels give what nn.BatchNorm would: maps of one type, float32 or bfloat16,
+    that is also the output's (nn.BatchNorm's `dtype`, or float32 when None)."""
+    output_dtype = jnp.dtype(self.dtype or jnp.promote_types(x.dtype, jnp.float32))
+    maps = (x.dtype in (jnp.float32, jnp.bfloat16) and x.dtype == output_dtype
+            and (residual is None or residual.dtype == x.dtype))
+    return (maps and x.ndim >= 2 and self.axis in (-1, x.ndim - 1) and self.use_scale
             and self.use_bias and self.axis_index_groups is None
             and self.param_dtype == jnp.float32 and self.force_float32_reductions
-            and self.use_fast_variance
-            and (self.dtype is None or self.dtype == jnp.float32))
+            and self.use_fast_variance)
 
 
 @contextlib.contextmanager

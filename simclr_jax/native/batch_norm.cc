@@ -1,5 +1,5 @@
-// Batch norm's passes over float32 NHWC maps as XLA FFI custom calls, for training on the CPU
-// backend.
+// Batch norm's passes over float32 or bfloat16 NHWC maps as XLA FFI custom calls, for training
+// on the CPU backend.
 //
 // XLA's CPU backend runs batch norm's reductions over every axis but the channels, and the
 // passes around them, well below the speed of reading the map: nn.BatchNorm's training pass takes
@@ -14,7 +14,10 @@
 // The per-channel arithmetic between the passes (the cross-device sum of the statistics, mean,
 // variance, a, b, c) stays in JAX: see simclr_jax/native/batch_norm.py. Sums are taken in float
 // over blocks of rows and added up in double, so they do not lose precision with the batch size.
-// Rows are split over XLA's own intra-op threads (parallel.h).
+// Maps in bfloat16 (a model whose convolutions keep their outputs in bfloat16) are read as floats
+// and written rounded to nearest even: the arithmetic and the sums are float32 either way, and
+// the maps of one call share one type. Rows are split over XLA's own intra-op threads
+// (parallel.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -23,14 +26,19 @@
 #include <type_traits>
 #include <vector>
 
+#include "bfloat16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using simclr_native::Bf16;
+using simclr_native::Store;
+using simclr_native::ToFloat;
 
 namespace {
 
-using Map = ffi::Buffer<ffi::F32>;
+using Map = ffi::AnyBuffer;  // float32 or bfloat16, as x
+using Sums = ffi::Buffer<ffi::F32>;
 using Vector = ffi::Buffer<ffi::F32, 1>;
 constexpr int64_t kBlockRows = 64;         // rows summed in float before adding into double
 constexpr int64_t kLanes = 32;              // values a sum takes at once (ChannelSums)
@@ -59,8 +67,9 @@ int64_t Channels(const Map& x) {
 
 ffi::Error CheckSameShape(const Map& x, const Map& other, const char* name) {
   auto a = x.dimensions(), b = other.dimensions();
-  return Check(a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin()),
-               std::string("batch norm: ") + name + " must have the shape of x");
+  return Check(a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin()) &&
+                   x.element_type() == other.element_type(),
+               std::string("batch norm: ") + name + " must have the shape and type of x");
 }
 
 ffi::Error CheckVector(const Vector& v, int64_t channels, const char* name) {
@@ -76,12 +85,45 @@ ffi::Error Finish(const std::string& error) {
 typedef float Vec8 __attribute__((vector_size(32)));
 constexpr int64_t kVectors = kLanes / 8;
 
+// A float (T = float) or eight (T = Vec8) from p: float32 as is, bfloat16 widened.
 template <typename T>
 inline T Load(const float* p) {
   T value;
   std::memcpy(&value, p, sizeof(T));
   return value;
 }
+
+typedef uint16_t Half8 __attribute__((vector_size(16)));
+typedef uint32_t Word8 __attribute__((vector_size(32)));
+
+template <typename T>
+inline T Load(const Bf16* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return ToFloat(*p);
+  } else {
+    Half8 halves;
+    std::memcpy(&halves, p, sizeof(halves));
+    const Word8 words = __builtin_convertvector(halves, Word8) << 16;
+    T value;
+    std::memcpy(&value, &words, sizeof(value));
+    return value;
+  }
+}
+
+// fn(element type) for the element type of x: float32 or bfloat16.
+template <typename Fn>
+ffi::Error ForElementType(const Map& x, const Fn& fn) {
+  switch (x.element_type()) {
+    case ffi::DataType::F32: return fn(float{});
+    case ffi::DataType::BF16: return fn(Bf16{});
+    default: return ffi::Error::InvalidArgument("batch norm: maps must be F32 or BF16");
+  }
+}
+
+template <typename T>
+const T* Data(const Map& m) { return static_cast<const T*>(m.untyped_data()); }
+template <typename T>
+T* MutableData(Map& m) { return static_cast<T*>(m.untyped_data()); }
 
 // Adds term(at + i * stride + lane) for i in [0, count) into s0[lane], s1[lane], lane < kLanes.
 // The sums stay in registers while the values stream past: summed in memory, each row's sums
@@ -169,29 +211,31 @@ ffi::Error EachRow(ffi::ThreadPool& pool, int64_t rows, int64_t channels, const 
   }));
 }
 
-ffi::Error Moments(ffi::ThreadPool pool, Map x, ffi::Result<Map> sums) {
+ffi::Error Moments(ffi::ThreadPool pool, Map x, ffi::Result<Sums> sums) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
   if (auto e = Check(sums->element_count() == 2 * channels, "batch norm: sums must be [2, C]");
       e.failure()) {
     return e;
   }
-  const float* data = x.typed_data();
-  return ChannelSums(pool, rows, channels, sums->typed_data(),
-                     [data](int64_t i, auto& t0, auto& t1) {
-                       using T = std::decay_t<decltype(t0)>;
-                       t0 = Load<T>(data + i);
-                       t1 = t0 * t0;
-                     });
+  return ForElementType(x, [&](auto element) {
+    const auto* data = Data<decltype(element)>(x);
+    return ChannelSums(pool, rows, channels, sums->typed_data(),
+                       [data](int64_t i, auto& t0, auto& t1) {
+                         using T = std::decay_t<decltype(t0)>;
+                         t0 = Load<T>(data + i);
+                         t1 = t0 * t0;
+                       });
+  });
 }
 
-template <bool kRelu, bool kResidual>
-void ApplyRow(const float* __restrict__ x, const float* __restrict__ scale,
-              const float* __restrict__ shift, const float* __restrict__ residual,
-              float* __restrict__ y, int64_t channels) {
+template <bool kRelu, bool kResidual, typename E>
+void ApplyRow(const E* __restrict__ x, const float* __restrict__ scale,
+              const float* __restrict__ shift, const E* __restrict__ residual,
+              E* __restrict__ y, int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
-    float v = x[c] * scale[c] + shift[c];
-    if (kResidual) v += residual[c];
-    y[c] = kRelu ? std::max(v, 0.0f) : v;
+    float v = ToFloat(x[c]) * scale[c] + shift[c];
+    if (kResidual) v += ToFloat(residual[c]);
+    Store(y + c, kRelu ? std::max(v, 0.0f) : v);
   }
 }
 
@@ -204,17 +248,21 @@ ffi::Error ApplyPass(ffi::ThreadPool& pool, const Map& x, const Vector& scale,
                  kResidual ? CheckSameShape(x, *residual, "residual") : ffi::Error::Success()}) {
     if (e.failure()) return e;
   }
-  const float *in = x.typed_data(), *a = scale.typed_data(), *b = shift.typed_data();
-  const float* add = kResidual ? residual->typed_data() : nullptr;
-  float* out = y.typed_data();
-  return EachRow(pool, rows, channels, [&](int64_t row) {
-    const int64_t at = row * channels;
-    const float* r = kResidual ? add + at : nullptr;
-    if (relu) {
-      ApplyRow<true, kResidual>(in + at, a, b, r, out + at, channels);
-    } else {
-      ApplyRow<false, kResidual>(in + at, a, b, r, out + at, channels);
-    }
+  return ForElementType(x, [&](auto element) {
+    using E = decltype(element);
+    const E* in = Data<E>(x);
+    const E* add = kResidual ? Data<E>(*residual) : nullptr;
+    E* out = MutableData<E>(y);
+    const float *a = scale.typed_data(), *b = shift.typed_data();
+    return EachRow(pool, rows, channels, [&](int64_t row) {
+      const int64_t at = row * channels;
+      const E* r = kResidual ? add + at : nullptr;
+      if (relu) {
+        ApplyRow<true, kResidual>(in + at, a, b, r, out + at, channels);
+      } else {
+        ApplyRow<false, kResidual>(in + at, a, b, r, out + at, channels);
+      }
+    });
   });
 }
 
@@ -241,36 +289,39 @@ inline T Masked(T dy, T y) {
 
 template <bool kRelu>
 ffi::Error GradSumsPass(ffi::ThreadPool& pool, const Map& dy, const Map& x, const Map& y,
-                        Map& sums) {
+                        Sums& sums) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
   for (auto e : {CheckSameShape(x, dy, "dy"), CheckSameShape(x, y, "y"),
                  Check(sums.element_count() == 2 * channels, "batch norm: sums must be [2, C]")}) {
     if (e.failure()) return e;
   }
-  const float *d = dy.typed_data(), *in = x.typed_data(), *out = y.typed_data();
-  return ChannelSums(pool, rows, channels, sums.typed_data(),
-                     [d, in, out](int64_t i, auto& t0, auto& t1) {
-                       using T = std::decay_t<decltype(t0)>;
-                       t0 = Masked<kRelu>(Load<T>(d + i), Load<T>(out + i));
-                       t1 = t0 * Load<T>(in + i);
-                     });
+  return ForElementType(x, [&](auto element) {
+    using E = decltype(element);
+    const E *d = Data<E>(dy), *in = Data<E>(x), *out = Data<E>(y);
+    return ChannelSums(pool, rows, channels, sums.typed_data(),
+                       [d, in, out](int64_t i, auto& t0, auto& t1) {
+                         using T = std::decay_t<decltype(t0)>;
+                         t0 = Masked<kRelu>(Load<T>(d + i), Load<T>(out + i));
+                         t1 = t0 * Load<T>(in + i);
+                       });
+  });
 }
 
-ffi::Error GradSums(ffi::ThreadPool pool, Map dy, Map x, Map y, ffi::Result<Map> sums,
+ffi::Error GradSums(ffi::ThreadPool pool, Map dy, Map x, Map y, ffi::Result<Sums> sums,
                     bool relu) {
   return relu ? GradSumsPass<true>(pool, dy, x, y, *sums)
               : GradSumsPass<false>(pool, dy, x, y, *sums);
 }
 
-template <bool kRelu, bool kResidual>
-void GradInputRow(const float* __restrict__ dy, const float* __restrict__ x,
-                  const float* __restrict__ y, const float* __restrict__ a,
-                  const float* __restrict__ b, const float* __restrict__ c0,
-                  float* __restrict__ dx, float* __restrict__ dresidual, int64_t channels) {
+template <bool kRelu, bool kResidual, typename E>
+void GradInputRow(const E* __restrict__ dy, const E* __restrict__ x, const E* __restrict__ y,
+                  const float* __restrict__ a, const float* __restrict__ b,
+                  const float* __restrict__ c0, E* __restrict__ dx, E* __restrict__ dresidual,
+                  int64_t channels) {
   for (int64_t c = 0; c < channels; ++c) {
-    const float g = Masked<kRelu>(dy[c], y[c]);
-    dx[c] = a[c] * g + b[c] * x[c] + c0[c];
-    if (kResidual) dresidual[c] = g;
+    const float g = Masked<kRelu>(ToFloat(dy[c]), ToFloat(y[c]));
+    Store(dx + c, a[c] * g + b[c] * ToFloat(x[c]) + c0[c]);
+    if (kResidual) Store(dresidual + c, g);
   }
 }
 
@@ -286,20 +337,23 @@ ffi::Error GradInputPass(ffi::ThreadPool& pool, const Map& dy, const Map& x, con
                            : ffi::Error::Success()}) {
     if (e.failure()) return e;
   }
-  const float *d = dy.typed_data(), *in = x.typed_data(), *out = y.typed_data();
-  const float *pa = a.typed_data(), *pb = b.typed_data(), *pc = c.typed_data();
-  float* grad = dx.typed_data();
-  float* grad_residual = kResidual ? dresidual->typed_data() : nullptr;
-  return EachRow(pool, rows, channels, [&](int64_t row) {
-    const int64_t at = row * channels;
-    float* r = kResidual ? grad_residual + at : nullptr;
-    if (relu) {
-      GradInputRow<true, kResidual>(d + at, in + at, out + at, pa, pb, pc, grad + at, r,
-                                    channels);
-    } else {
-      GradInputRow<false, kResidual>(d + at, in + at, out + at, pa, pb, pc, grad + at, r,
-                                     channels);
-    }
+  return ForElementType(x, [&](auto element) {
+    using E = decltype(element);
+    const E *d = Data<E>(dy), *in = Data<E>(x), *out = Data<E>(y);
+    const float *pa = a.typed_data(), *pb = b.typed_data(), *pc = c.typed_data();
+    E* grad = MutableData<E>(dx);
+    E* grad_residual = kResidual ? MutableData<E>(*dresidual) : nullptr;
+    return EachRow(pool, rows, channels, [&](int64_t row) {
+      const int64_t at = row * channels;
+      E* r = kResidual ? grad_residual + at : nullptr;
+      if (relu) {
+        GradInputRow<true, kResidual>(d + at, in + at, out + at, pa, pb, pc, grad + at, r,
+                                      channels);
+      } else {
+        GradInputRow<false, kResidual>(d + at, in + at, out + at, pa, pb, pc, grad + at, r,
+                                       channels);
+      }
+    });
   });
 }
 
@@ -328,13 +382,13 @@ auto GradOperands() {
 
 #pragma GCC visibility push(default)  // the library is built with hidden symbols but these
 XLA_FFI_DEFINE_HANDLER_SYMBOL(simclr_bn_moments, Moments,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Map>().Ret<Map>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Map>().Ret<Sums>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(simclr_bn_apply, Apply,
                               ApplyOperands().Ret<Map>().Attr<bool>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(simclr_bn_apply_residual, ApplyResidual,
                               ApplyOperands().Arg<Map>().Ret<Map>().Attr<bool>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(simclr_bn_grad_sums, GradSums,
-                              GradOperands().Ret<Map>().Attr<bool>("relu"));
+                              GradOperands().Ret<Sums>().Attr<bool>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(simclr_bn_grad_input, GradInput,
                               GradOperands().Arg<Vector>().Arg<Vector>().Arg<Vector>().Ret<Map>()
                                   .Attr<bool>("relu"));

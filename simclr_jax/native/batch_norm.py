@@ -3,7 +3,9 @@ passes of C++ kernels (`batch_norm.cc`) on the CPU backend, two forward and two 
 reading the map once: nn.BatchNorm under XLA takes 1.4-1.9x as long on ResNet-18's maps, mostly
 in its reductions (experiments/results/train_step.md). Between the passes the per-channel
 statistics are summed over `axis_name` (global batch norm inside `shard_map`), so the kernels see
-one device's shard like the convolutions do. The Flax module is `simclr_jax.models.BatchNorm`.
+one device's shard like the convolutions do. Maps are float32 or bfloat16 (then read as floats
+and written rounded); statistics, parameters and their gradients are float32 either way. The Flax
+module is `simclr_jax.models.BatchNorm`.
 """
 import functools
 
@@ -20,9 +22,10 @@ KERNELS = build.Kernels("batch_norm.cc", TARGETS)
 
 
 def batch_norm_train(x, scale, bias, residual, relu: bool, epsilon: float, axis_name):
-  """(y, mean, var) of training-mode batch norm over all axes but the last, in float32:
-  y = x normalised, times scale plus bias, plus `residual` (None: nothing), then max(., 0) if
-  `relu`; mean and var are the batch statistics (over `axis_name` too, if given)."""
+  """(y, mean, var) of training-mode batch norm over all axes but the last: y = x normalised,
+  times scale plus bias, plus `residual` (None: nothing; else x's dtype), then max(., 0) if
+  `relu`, in x's dtype (float32 or bfloat16); mean and var are the float32 batch statistics (over
+  `axis_name` too, if given)."""
   if residual is None:
     x, scale, bias = vary_alike(x, scale, bias)
   else:
@@ -40,8 +43,8 @@ def _call(target: str, result_type, **operands_and_attrs):
 
 
 def _sums_type(x):
-  """Type of the [2, C] per-channel sums of map x (varying over x's mesh axes, like x)."""
-  return jax.typeof(x).update(shape=(2, x.shape[-1]))
+  """Type of the float32 [2, C] per-channel sums of map x (varying over x's mesh axes, like x)."""
+  return jax.typeof(x).update(shape=(2, x.shape[-1]), dtype=jnp.float32)
 
 
 def _global_sums(local_sums, axis_name):

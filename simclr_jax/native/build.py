@@ -32,12 +32,29 @@ SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 _COMPILE_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 _ONEDNN_HEADER = os.path.join("include", "oneapi", "dnnl", "dnnl.hpp")
 _ONEDNN_PACKAGES = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
+
+
+def _cpu_flags() -> set[str]:
+  """This CPU's feature flags as Linux lists them (none elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
 # Plain C++ loops over pixels vectorise only with these: -O3 (GCC 12's -O2 ran the augmentation
 # kernels 2-8x slower), -fno-trapping-math (lets the compiler compute both sides of a select; the
-# results are the same) and, on x86-64, AVX (8 floats a vector; jaxlib itself needs it there).
-# Measured in experiments/results/augment_throughput.md.
+# results are the same) and, on x86-64, AVX (8 floats a vector; jaxlib itself needs it there),
+# with AVX2 where this CPU has it (8 ints a vector: the conversions of bfloat16 maps). Measured
+# in experiments/results/augment_throughput.md and train_step.md. The flags are part of the
+# build's cache key, so a CPU without AVX2 builds its own library.
+_X86_VECTORS = ("-mavx", *(("-mavx2",) if "avx2" in _cpu_flags() else ()))
 _VECTORISING_FLAGS = ("-O3", "-fno-trapping-math",
-                      *(("-mavx",) if platform.machine() in ("x86_64", "AMD64") else ()))
+                      *(_X86_VECTORS if platform.machine() in ("x86_64", "AMD64") else ()))
 
 
 class NativeUnavailable(RuntimeError):

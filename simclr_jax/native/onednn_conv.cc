@@ -6,8 +6,11 @@
 //   simclr_conv_forward           y  = conv(x, k)
 //   simclr_conv_backward_data     dx = conv_transpose(dy, k)
 //   simclr_conv_backward_weights  dk = correlate(x, dy)
-// Operands are float32 or bfloat16 (oneDNN's AMX/AVX512-BF16 kernels); results are float32, with
-// products summed in float32 either way. Padding is explicit (low and high per spatial axis).
+// Operands are float32 or bfloat16 (oneDNN's AMX/AVX512-BF16 kernels), products summed in float32
+// either way. Results are float32, or bfloat16 when the caller asks for them so (a model keeping
+// its maps in bfloat16: half the memory traffic, no casts between layers); the kernel gradient is
+// summed over the batch's parts in float32 and rounded once. Padding is explicit (low and high per
+// spatial axis).
 //
 // Threads: the batch is cut into one part per thread of XLA's own intra-op pool (parallel.h), and
 // oneDNN runs each part on one thread (the kernel gradient sums the parts'). oneDNN's own OpenMP
@@ -31,6 +34,7 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "bfloat16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -50,10 +54,12 @@ dnnl::engine& Engine() {
 struct Geometry {
   memory::dims src, weights, dst, strides, padding_low, padding_high;
   memory::data_type compute_type;
+  memory::data_type output_type;  // of y (forward) or dx (backward data); dk is summed in f32
 
   std::string Key(Pass pass) const {
     std::ostringstream key;
-    key << static_cast<int>(pass) << '/' << static_cast<int>(compute_type);
+    key << static_cast<int>(pass) << '/' << static_cast<int>(compute_type) << '/'
+        << static_cast<int>(output_type);
     for (const memory::dims* dims : {&src, &weights, &dst, &strides, &padding_low, &padding_high}) {
       key << '/';
       for (auto d : *dims) key << d << ',';
@@ -108,13 +114,13 @@ Plan MakePlan(const Geometry& g, Pass pass) {
   const memory::data_type t = g.compute_type, f32 = memory::data_type::f32;
   switch (pass) {
     case Pass::kForward: {
-      auto pd = ForwardDescriptor(g, f32);
+      auto pd = ForwardDescriptor(g, g.output_type);
       return {dnnl::convolution_forward(pd), pd.weights_desc(), pd.scratchpad_desc()};
     }
     case Pass::kBackwardData: {
       auto hint = ForwardDescriptor(g, t);
       auto pd = dnnl::convolution_backward_data::primitive_desc(
-          Engine(), dnnl::algorithm::convolution_direct, Activations(g.src, f32),
+          Engine(), dnnl::algorithm::convolution_direct, Activations(g.src, g.output_type),
           AnyWeights(g.weights, t), Activations(g.dst, t), g.strides, g.padding_low,
           g.padding_high, hint, UserScratchpad());
       return {dnnl::convolution_backward_data(pd), pd.weights_desc(), pd.scratchpad_desc()};
@@ -182,13 +188,13 @@ ffi::Error ParallelParts(ffi::ThreadPool& pool, int64_t parts, const F& part) {
   return ffi::Error::Success();
 }
 
-ffi::ErrorOr<memory::data_type> ComputeType(ffi::DataType type) {
+ffi::ErrorOr<memory::data_type> DataType(ffi::DataType type) {
   switch (type) {
     case ffi::DataType::F32: return memory::data_type::f32;
     case ffi::DataType::BF16: return memory::data_type::bf16;
     default:
-      return ffi::Unexpected(
-          ffi::Error::InvalidArgument("oneDNN convolution: operands must be F32 or BF16"));
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "oneDNN convolution: operands and results must be F32 or BF16"));
   }
 }
 
@@ -198,7 +204,7 @@ memory::dims Oihw(ffi::AnyBuffer::Dimensions d) { return {d[3], d[2], d[0], d[1]
 
 ffi::ErrorOr<Geometry> MakeGeometry(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions k,
                                     ffi::AnyBuffer::Dimensions y, ffi::DataType type,
-                                    ffi::Span<const int64_t> strides,
+                                    ffi::DataType output_type, ffi::Span<const int64_t> strides,
                                     ffi::Span<const int64_t> padding_low,
                                     ffi::Span<const int64_t> padding_high) {
   if (x.size() != 4 || k.size() != 4 || y.size() != 4 || strides.size() != 2 ||
@@ -206,11 +212,13 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer
     return ffi::Unexpected(ffi::Error::InvalidArgument(
         "oneDNN convolution: expects rank-4 NHWC/HWIO operands and 2 strides and paddings"));
   }
-  auto compute_type = ComputeType(type);
+  auto compute_type = DataType(type);
   if (compute_type.has_error()) return ffi::Unexpected(compute_type.error());
+  auto result_type = DataType(output_type);
+  if (result_type.has_error()) return ffi::Unexpected(result_type.error());
   auto dims = [](ffi::Span<const int64_t> s) { return memory::dims(s.begin(), s.end()); };
   return Geometry{Nchw(x), Oihw(k), Nchw(y), dims(strides), dims(padding_low),
-                  dims(padding_high), *compute_type};
+                  dims(padding_high), *compute_type, *result_type};
 }
 
 // The batch split: part i covers images [Begin(i), Begin(i + 1)).
@@ -235,7 +243,6 @@ ffi::Error Pointwise(Pass pass, const Geometry& g, ffi::ThreadPool& pool, void* 
   const bool forward = pass == Pass::kForward;
   const memory::dims& in_dims = forward ? g.src : g.dst;
   const memory::dims& out_dims = forward ? g.dst : g.src;
-  const memory::data_type f32 = memory::data_type::f32;
   BatchSplit split(in_dims[0], pool);
   return ParallelParts(pool, split.parts, [&](int64_t i) {
     const Geometry part = g.Part(split.Size(i));
@@ -243,8 +250,8 @@ ffi::Error Pointwise(Pass pass, const Geometry& g, ffi::ThreadPool& pool, void* 
     dnnl::engine& e = Engine();
     memory part_in(Activations(forward ? part.src : part.dst, g.compute_type), e,
                    At(in, ImageOffset(in_dims, g.compute_type, split.Begin(i))));
-    memory part_out(Activations(forward ? part.dst : part.src, f32), e,
-                    At(out, ImageOffset(out_dims, f32, split.Begin(i))));
+    memory part_out(Activations(forward ? part.dst : part.src, g.output_type), e,
+                    At(out, ImageOffset(out_dims, g.output_type, split.Begin(i))));
     memory k(UserWeights(g.weights, g.compute_type), e, kernel);
     if (forward) {
       Execute(plan, {{DNNL_ARG_SRC, part_in}, {DNNL_ARG_DST, part_out}}, DNNL_ARG_WEIGHTS, k,
@@ -261,7 +268,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                        ffi::Span<const int64_t> padding_low,
                        ffi::Span<const int64_t> padding_high) {
   auto g = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), x.element_type(),
-                        strides, padding_low, padding_high);
+                        y->element_type(), strides, padding_low, padding_high);
   if (g.has_error()) return g.error();
   return Pointwise(Pass::kForward, *g, pool, x.untyped_data(), k.untyped_data(),
                    y->untyped_data());
@@ -272,27 +279,32 @@ ffi::Error ConvBackwardData(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuf
                             ffi::Span<const int64_t> padding_low,
                             ffi::Span<const int64_t> padding_high) {
   auto g = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), dy.element_type(),
-                        strides, padding_low, padding_high);
+                        dx->element_type(), strides, padding_low, padding_high);
   if (g.has_error()) return g.error();
   return Pointwise(Pass::kBackwardData, *g, pool, dy.untyped_data(), k.untyped_data(),
                    dx->untyped_data());
 }
 
-// dk = the sum over parts of each part's kernel gradient (part 0 writes into dk itself).
+// dk = the sum over parts of each part's float32 kernel gradient (part 0 writes into a float32 dk
+// itself), rounded once if dk is bfloat16.
 ffi::Error ConvBackwardWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::Result<ffi::AnyBuffer> dk, ffi::Span<const int64_t> strides,
                                ffi::Span<const int64_t> padding_low,
                                ffi::Span<const int64_t> padding_high) {
   auto g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), x.element_type(),
-                        strides, padding_low, padding_high);
+                        dk->element_type(), strides, padding_low, padding_high);
   if (g.has_error()) return g.error();
   const memory::data_type f32 = memory::data_type::f32;
+  const bool float32_result = g->output_type == f32;
   const int64_t kernel_size = dk->element_count();
   BatchSplit split(g->src[0], pool);
   std::vector<Buffer> partial_sums;
-  for (int64_t i = 1; i < split.parts; ++i) partial_sums.emplace_back(kernel_size * sizeof(float));
+  for (int64_t i = float32_result ? 1 : 0; i < split.parts; ++i) {
+    partial_sums.emplace_back(kernel_size * sizeof(float));
+  }
   auto partial_sum = [&](int64_t i) {
-    return i == 0 ? dk->untyped_data() : partial_sums[i - 1].get();
+    return float32_result ? (i == 0 ? dk->untyped_data() : partial_sums[i - 1].get())
+                          : partial_sums[i].get();
   };
   ffi::Error error = ParallelParts(pool, split.parts, [&](int64_t i) {
     const Geometry part = g->Part(split.Size(i));
@@ -307,10 +319,14 @@ ffi::Error ConvBackwardWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
             part_dk, true);
   });
   if (error.failure()) return error;
-  float* sum = static_cast<float*>(dk->untyped_data());
+  float* sum = static_cast<float*>(partial_sum(0));
   for (int64_t i = 1; i < split.parts; ++i) {
     const float* addend = static_cast<const float*>(partial_sum(i));
     for (int64_t j = 0; j < kernel_size; ++j) sum[j] += addend[j];
+  }
+  if (!float32_result) {
+    auto* rounded = static_cast<simclr_native::Bf16*>(dk->untyped_data());
+    for (int64_t j = 0; j < kernel_size; ++j) simclr_native::Store(rounded + j, sum[j]);
   }
   return ffi::Error::Success();
 }
