@@ -7,10 +7,11 @@ step and its input; the loop does the rest the same way for all of them:
   it is written and before any checkpoint could hold the state (the last good one is kept);
 - SIGTERM (preemption): checkpoint the current step, then raise `Preempted` (exit 143);
 - a wall-clock budget that ends training after the step reaching it, checkpointed like the end;
-  with `config.schedule_fits_budget`, the learning-rate schedule is fitted to it instead: after
-  the first timed steps, total_steps becomes what the measured rate fits in the budget (never
-  more than the config's), the job's step is rebuilt for it (one more compile), and the run
-  record keeps the fitted length, so a resume continues the same schedule;
+  with `config.schedule_fits_budget`, the learning-rate schedule is fitted to it instead: once a
+  tenth of the budget has passed, total_steps becomes what the rate measured since the
+  twentieth (periodic evaluations included) fits in the rest (never more than the config's), the
+  job's step is rebuilt for it (one more compile), and the run record keeps the fitted length,
+  so a resume continues the same schedule;
 - periodic evaluators (`simclr_jax.evaluators`), whose time is not counted as training time;
   those with `at_start` also score the initial state of a new run, kept as `initial_<metric>`
   in the checkpoints' run record and the results (the random-init baseline survives a resume);
@@ -182,14 +183,6 @@ class MetricLog:
       self._excluded_seconds += seconds
       self._interval_start += seconds
 
-  def steps_timed(self, step: int) -> int:
-    return 0 if self._first_step is None else step - self._first_step
-
-  def steps_per_second(self, step: int) -> float:
-    """Training steps/s from the end of the first step to `step` (evaluations excluded)."""
-    seconds = time.monotonic() - self._clock_start - self._excluded_seconds
-    return self.steps_timed(step) / seconds
-
   def throughput(self, last_step: int) -> tuple[float, float]:
     """(training seconds, examples/s) from the end of the first step to `last_step`."""
     if self._clock_start is None:
@@ -311,7 +304,6 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make
   """The step loop of `run`: (final state, summary)."""
   step = start_step = int(sharding.to_host(state.step))
   fitted = restored_record.get(FITTED_TOTAL_STEPS)
-  fitting = fitted is None and config.get("schedule_fits_budget") and config.max_train_minutes > 0
   total_steps = fitted or total_steps
   train_step = train_step_for(total_steps)
   logging.info("%s on %s: %d steps of %d images, starting at step %d", config.mode,
@@ -328,6 +320,8 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make
   report_progress = progress_reporter(total_steps, writer, config.log_every_steps)
   budget = time_budget.TimeBudget(config.max_train_minutes,
                                   check_every_steps=config.log_every_steps)
+  fitting = fitted is None and config.get("schedule_fits_budget") and config.max_train_minutes > 0
+  fit_window = time_budget.RateWindow(budget) if fitting else None  # None once fitted
   last_saved = checkpointer.latest_step()
   try:
     with StopRequest() as stop_request:
@@ -341,14 +335,15 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make
         due = [e for e in evaluators if last or (e.every_steps and step % e.every_steps == 0)]
         if saving or due or step % config.log_every_steps == 0:
           log.flush(step, last_saved)  # before saving: a NaN state is never checkpointed
-          if fitting and not last and log.steps_timed(step) >= time_budget.FIT_AFTER_STEPS:
-            fitting = False
+          rate = fit_window.steps_per_second(step) if fit_window and not last else None
+          if rate is not None:
+            fit_window = None
             fitted = time_budget.fitted_total_steps(
-                step, steps_per_second=log.steps_per_second(step),
-                seconds_left=budget.seconds_left(), total_steps=total_steps)
+                step, steps_per_second=rate, seconds_left=budget.seconds_left(),
+                total_steps=total_steps)
             logging.info("schedule fitted to the %g-minute budget: %d steps instead of %d "
-                         "(%.2f steps/s)", config.max_train_minutes, fitted, total_steps,
-                         log.steps_per_second(step))
+                         "(%.2f steps/s with evaluations)", config.max_train_minutes, fitted,
+                         total_steps, rate)
             total_steps = log.total_steps = fitted
             record.update(total_steps=fitted, **{FITTED_TOTAL_STEPS: fitted})
             train_step = train_step_for(fitted)

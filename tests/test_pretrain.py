@@ -24,6 +24,7 @@ from simclr_jax import models
 from simclr_jax import optim
 from simclr_jax import loop
 from simclr_jax import sharding
+from simclr_jax import time_budget
 from simclr_jax import workdir_files
 from simclr_jax.jobs import pretrain
 from tests.helpers import relative_distance, set_fields
@@ -59,12 +60,12 @@ def smoke_config(data_dir: str, **overrides):
   return set_fields(config, **overrides)
 
 
-def build(config, mesh, conv_backend="xla", norm_backend="jax"):
+def build(config, mesh, conv_backend="xla", norm_backend="jax", dtype="float32"):
   """Model, optimizer, initial state and compiled step for `mesh`, as pretrain builds them."""
   info = input_pipeline.get_dataset_info(config.dataset, data_dir=config.data_dir)
   model = models.create_model(config.model, num_classes=info.num_classes,
                               axis_name=sharding.DATA_AXIS, conv_backend=conv_backend,
-                              norm_backend=norm_backend)
+                              norm_backend=norm_backend, dtype=models.COMPUTE_DTYPES[dtype])
   total_steps, warmup_steps = 10, 2
   schedule = optim.learning_rate_schedule(
       config.optimizer.base_learning_rate, lr_scaling=config.optimizer.lr_scaling,
@@ -84,8 +85,8 @@ def build(config, mesh, conv_backend="xla", norm_backend="jax"):
   return state, step, batches
 
 
-def run_steps(config, mesh, num_steps, conv_backend="xla", norm_backend="jax"):
-  state, step, batches = build(config, mesh, conv_backend, norm_backend)
+def run_steps(config, mesh, num_steps, conv_backend="xla", norm_backend="jax", dtype="float32"):
+  state, step, batches = build(config, mesh, conv_backend, norm_backend, dtype)
   initial_state = jax.device_get(state)
   inputs, metrics = [], []
   for _ in range(num_steps):
@@ -125,16 +126,18 @@ def test_three_steps_on_one_device_equal_three_steps_on_eight(one_and_eight_devi
   assert moved_means and all(moved_means), "BN running means never moved"
 
 
-@pytest.mark.parametrize("backend, metric_rtol, state_rtol", [
-    ("onednn", ONEDNN_FLOAT32_RTOL, ONEDNN_FLOAT32_RTOL),
-    ("onednn_bf16", BFLOAT16_METRIC_RTOL, BFLOAT16_STATE_RTOL),
+@pytest.mark.parametrize("backend, dtype, metric_rtol, state_rtol", [
+    ("onednn", "float32", ONEDNN_FLOAT32_RTOL, ONEDNN_FLOAT32_RTOL),
+    ("onednn_bf16", "float32", BFLOAT16_METRIC_RTOL, BFLOAT16_STATE_RTOL),
+    ("onednn_bf16", "bfloat16", BFLOAT16_METRIC_RTOL, BFLOAT16_STATE_RTOL),
 ])
 def test_native_kernels_on_eight_devices_train_like_xla_on_one(one_and_eight_devices, backend,
-                                                               metric_rtol, state_rtol):
+                                                               dtype, metric_rtol, state_rtol):
   """The CPU defaults ('auto': oneDNN's convolutions, or the cpu recipe's bfloat16 ones, and the
-  native batch norm with its cross-device statistics) on 8 devices against XLA on one."""
+  native batch norm with its cross-device statistics) on 8 devices against XLA on one; with
+  dtype='bfloat16' the maps stay bfloat16 between the kernels (the cpu recipe)."""
   config, (state_xla, metrics_xla, _, _, initial), _ = one_and_eight_devices
-  state, metrics, *_ = run_steps(config, sharding.create_mesh(), 3, backend, "native")
+  state, metrics, *_ = run_steps(config, sharding.create_mesh(), 3, backend, "native", dtype)
   for step_onednn, step_xla in zip(metrics, metrics_xla):
     for name in ("loss", "probe_loss", "grad_norm", "param_norm"):
       np.testing.assert_allclose(step_onednn[name], step_xla[name], rtol=metric_rtol)
@@ -329,8 +332,9 @@ def test_time_budget_ends_the_run_with_checkpoint_export_and_results(data_dir, t
 
 
 def test_schedule_fitted_to_the_time_budget_decays_inside_it(data_dir, tmp_path, monkeypatch):
-  """A step of 50 ms and a 3 s budget: after the first timed steps the schedule is shortened
-  from 1000 steps to what fits, its cosine ending at the fitted step, which the run reaches."""
+  """A step of 50 ms and a 3 s budget: after a tenth of the budget (and 10 timed steps) the
+  schedule is shortened from 1000 steps to what fits, its cosine ending at the fitted step,
+  which the run reaches."""
   schedules = []
 
   def slow_step_for(*args, learning_rate_fn, **kwargs):
@@ -356,6 +360,24 @@ def test_schedule_fitted_to_the_time_budget_decays_inside_it(data_dir, tmp_path,
   record = checkpointer.latest_record()  # a resume keeps the fitted length
   checkpointer.close()
   assert record[loop.FITTED_TOTAL_STEPS] == record["total_steps"] == fitted
+
+
+def test_the_fitted_schedule_takes_the_rate_after_the_warm_up(monkeypatch):
+  """A 100 s budget, 4 steps/s for the first 5 s (input warm-up, a load spike), then 10 steps/s:
+  the rate is measured over the window from 5% to 10% of the budget, so it is 10, not the 7
+  of the first 10 s, and it is given only at the window's end."""
+  clock = [0.0]
+  monkeypatch.setattr(time_budget.time, "monotonic", lambda: clock[0])
+  window = time_budget.RateWindow(time_budget.TimeBudget(100 / 60, check_every_steps=5))
+  rates = {}
+  for step in range(5, 101, 5):  # the log points
+    clock[0] = step / 4 if step <= 20 else 5 + (step - 20) / 10
+    rates[step] = window.steps_per_second(step)
+  fitted_at = min(step for step, rate in rates.items() if rate is not None)
+  assert fitted_at == 70  # the first log point at 10 s, a tenth of the budget
+  assert rates[fitted_at] == pytest.approx(10.0)
+  assert time_budget.fitted_total_steps(70, steps_per_second=10.0, seconds_left=90.0,
+                                        total_steps=10_000) == 70 + int(0.95 * 10 * 90)
 
 
 def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
