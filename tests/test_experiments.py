@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import relative_distance
+
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")
@@ -414,15 +416,23 @@ def test_conv_layers_benchmark_times_every_pass_of_every_backend(dtype):
   assert all(np.isfinite(value) and value > 0 for value in gflops.values())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_batch_norm_benchmark_times_the_same_pass_on_both_backends(residual):
-  x, residual_map, dy = (np.random.default_rng(seed).standard_normal((4, 4, 4, 8)).astype(
-      np.float32) for seed in range(3))
+def test_batch_norm_benchmark_times_the_same_pass_on_both_backends(residual, dtype):
+  """The same outputs and gradients from both backends: to float32 rounding, or for bfloat16
+  maps within a few bfloat16 roundings (nn.BatchNorm rounds at more places than the kernels;
+  tests/test_batch_norm.py holds both to float64)."""
+  dtype = jax.numpy.dtype(dtype)
+  x, residual_map, dy = (jax.numpy.asarray(np.random.default_rng(seed).standard_normal(
+      (4, 4, 4, 8)), dtype) for seed in range(3))
   results = []
   for native in (False, True):
-    module, run = batch_norm_benchmark.training_pass(native, residual)
+    module, run = batch_norm_benchmark.training_pass(native, residual, dtype)
     results.append(run(module.init(jax.random.key(0), x), x, residual_map, dy))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+  if dtype == np.float32:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+  else:
+    assert relative_distance(results[1], results[0]) < 1e-2  # measured: 1.3e-3 and 2.1e-3
 
 
 def test_batch_norm_benchmark_prints_a_row_per_stage(capsys):
