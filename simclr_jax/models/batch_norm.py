@@ -4,8 +4,8 @@
 checkpoints, exports and the TF1 converter see no difference) whose call also takes the block's
 `residual` and `relu`. With `native=True` a training-mode call on float32 or bfloat16 maps (in the
 module's own dtype) runs as native C++ kernels (`simclr_jax.native.batch_norm_train`:
-nn.BatchNorm under XLA takes 1.4-1.9x as long on ResNet-18's maps). Anything else (running averages, other dtypes, `axis_index_groups`, masks) is
-`nn.BatchNorm`'s own code.
+nn.BatchNorm under XLA takes 1.4-1.9x as long on ResNet-18's maps). Anything else (running
+averages, other dtypes, `axis_index_groups`, masks) is `nn.BatchNorm`'s own code.
 
 `statistics_over(mask)` makes every batch norm layer of a model in training mode take its batch
 statistics over the rows of `mask` only: an eval batch's padding then changes nothing.
