@@ -98,8 +98,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # Wall-clock budget of one invocation (0 = none): training stops after the step that reaches
   # it, checkpoints, exports and evaluates as at the end; rerunning the workdir continues.
   config.max_train_minutes = 0.0
-  # With a budget: after a tenth of it, shorten the schedule to what the rate measured so far
-  # fits in the rest, so the learning rate decays to 0 inside the budget on any machine.
+  # With a budget: after a tenth of it, shorten the schedule to what the rate measured since a
+  # twentieth fits in the rest (simclr_jax/time_budget.py), so the learning rate decays to 0
+  # inside the budget on any machine.
   config.schedule_fits_budget = False
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000

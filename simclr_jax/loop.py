@@ -9,7 +9,7 @@ step and its input; the loop does the rest the same way for all of them:
 - a wall-clock budget that ends training after the step reaching it, checkpointed like the end;
   with `config.schedule_fits_budget`, the learning-rate schedule is fitted to it instead: once a
   tenth of the budget has passed, total_steps becomes what the rate measured since the
-  twentieth (periodic evaluations included) fits in the rest (never more than the config's), the
+  twentieth (the median time per step, plus periodic evaluations) fits in the rest (never more than the config's), the
   job's step is rebuilt for it (one more compile), and the run record keeps the fitted length,
   so a resume continues the same schedule;
 - periodic evaluators (`simclr_jax.evaluators`), whose time is not counted as training time;
@@ -348,7 +348,10 @@ def _train(config, workdir, checkpointer, writer, state, *, train_step_for, make
             record.update(total_steps=fitted, **{FITTED_TOTAL_STEPS: fitted})
             train_step = train_step_for(fitted)
             report_progress = progress_reporter(fitted, writer, config.log_every_steps)
+        evaluation_start = time.monotonic()
         _evaluate(due, state, step, log)
+        if fit_window and due:
+          fit_window.add_evaluation(time.monotonic() - evaluation_start)
         if saving:
           checkpointer.save(step, state, dict(record, step=step))
           last_saved = step

@@ -380,6 +380,25 @@ def test_the_fitted_schedule_takes_the_rate_after_the_warm_up(monkeypatch):
                                         total_steps=10_000) == 70 + int(0.95 * 10 * 90)
 
 
+def test_the_fitted_rate_ignores_a_passing_load_and_counts_evaluations(monkeypatch):
+  """10 steps/s in a 100 s budget; inside the window another job takes 3 s of one log interval
+  and an evaluation takes 2 s: the rate is what the steps and the evaluation cost without the
+  passing load, 15 steps in 1.5 + 2 s, where the window's mean would give 15 in 6.5 s."""
+  clock = [0.0]
+  monkeypatch.setattr(time_budget.time, "monotonic", lambda: clock[0])
+  window = time_budget.RateWindow(time_budget.TimeBudget(100 / 60, check_every_steps=5))
+  window.add_evaluation(4.0)  # before the window (the start's evaluations): not counted
+  rates = {}
+  for step in range(5, 70, 5):  # the log points, then each evaluation the loop times
+    clock[0] += 0.5 + (3.0 if step == 60 else 0.0)
+    rates[step] = window.steps_per_second(step)
+    if step == 60:
+      clock[0] += 2.0
+      window.add_evaluation(2.0)
+  assert all(rate is None for step, rate in rates.items() if step < 65)
+  assert rates[65] == pytest.approx(15 / 3.5)
+
+
 def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path):
   mesh = sharding.create_mesh()
   state = jax.device_put({"w": np.arange(4.0), "step": np.int32(0)}, sharding.replicated(mesh))
