@@ -9,9 +9,9 @@ step and its input; the loop does the rest the same way for all of them:
 - a wall-clock budget that ends training after the step reaching it, checkpointed like the end;
   with `config.schedule_fits_budget`, the learning-rate schedule is fitted to it instead: once a
   tenth of the budget has passed, total_steps becomes what the rate measured since the
-  twentieth (the median time per step, plus periodic evaluations) fits in the rest (never more than the config's), the
-  job's step is rebuilt for it (one more compile), and the run record keeps the fitted length,
-  so a resume continues the same schedule;
+  twentieth (the median time per step, plus periodic evaluations) fits in the rest (never more
+  than the config's), the job's step is rebuilt for it (one more compile), and the run record
+  keeps the fitted length, so a resume continues the same schedule;
 - periodic evaluators (`simclr_jax.evaluators`), whose time is not counted as training time;
   those with `at_start` also score the initial state of a new run, kept as `initial_<metric>`
   in the checkpoints' run record and the results (the random-init baseline survives a resume);

@@ -232,8 +232,8 @@ def test_quickstart_is_quiet_and_ends_with_pretrained_against_random_init(env, t
     assert f"{os.path.join(workdir, name)}" in summary
     assert os.path.exists(os.path.join(workdir, name)), name
   export = os.path.join(workdir, workdir_files.EXPORT_DIR)
-  assert (f"next:     probe it:  python -m simclr_jax.main --config=configs/cifar10_linear_probe.py:"
-          f"smoke --config.data_dir={tmp_path / 'tfds'} --config.init_from={export} "
+  assert ("next:     probe it:  python -m simclr_jax.main --config=configs/cifar10_linear_probe"
+          f".py:smoke --config.data_dir={tmp_path / 'tfds'} --config.init_from={export} "
           f"--workdir={workdir}_probe") in summary
   assert "CIFAR-10:  python -m simclr_jax.main --config=configs/cifar10_pretrain.py:cpu" in summary
   with open(os.path.join(workdir, workdir_files.RESULTS_FILE)) as f:

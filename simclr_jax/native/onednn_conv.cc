@@ -167,12 +167,16 @@ void Execute(const Plan& plan, std::unordered_map<int, memory> args, int weights
   const bool reorder = plan.weights != weights.get_desc();
   Buffer reordered(reorder ? plan.weights.get_size() : 0);
   memory plan_weights = reorder ? memory(plan.weights, engine, reordered.get()) : weights;
-  if (reorder && !weights_are_output) dnnl::reorder(weights, plan_weights).execute(stream, weights, plan_weights);
+  if (reorder && !weights_are_output) {
+    dnnl::reorder(weights, plan_weights).execute(stream, weights, plan_weights);
+  }
   Buffer scratchpad(plan.scratchpad.get_size());
   args.emplace(weights_arg, plan_weights);
   args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, engine, scratchpad.get()));
   plan.primitive.execute(stream, args);
-  if (reorder && weights_are_output) dnnl::reorder(plan_weights, weights).execute(stream, plan_weights, weights);
+  if (reorder && weights_are_output) {
+    dnnl::reorder(plan_weights, weights).execute(stream, plan_weights, weights);
+  }
   stream.wait();
 }
 

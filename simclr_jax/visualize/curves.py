@@ -1,7 +1,8 @@
-"""Training curves from a run's metrics.jsonl: is the loss falling, are the views being matched?
+r"""Training curves from a run's metrics.jsonl: is the loss falling, are the views being matched?
 
   python -m simclr_jax.visualize.curves WORKDIR/metrics.jsonl OUT.png
-  python -m simclr_jax.visualize.curves --x=minutes A=RUN_A/metrics.jsonl B=RUN_B/metrics.jsonl OUT.png
+  python -m simclr_jax.visualize.curves --x=minutes A=RUN_A/metrics.jsonl B=RUN_B/metrics.jsonl \
+      OUT.png
 """
 import argparse
 import json
