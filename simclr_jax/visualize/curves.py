@@ -88,13 +88,15 @@ def plot_runs(runs: Mapping[str, str], output_path: str, *, x: str = "step",
               title: str = "") -> str:
   """Writes a PNG with the loss and the accuracies of `runs` ({label: metrics.jsonl}) against
   `x` (one of X_AXES), one colour per run, one line style per metric; returns its path."""
-  figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4), squeeze=False)
-  styles = ("-", "--", ":")
-  for color, (run, metrics_path) in enumerate(runs.items()):
+  read = {}  # every run read and checked before a figure exists
+  for run, metrics_path in runs.items():
     records = read_metrics(metrics_path)
     if not any("loss" in r for r in records):
       raise ValueError(f"{metrics_path} holds no 'loss' records to plot")
-    to_x = steps_to_x(metrics_path, records, x)
+    read[run] = records, steps_to_x(metrics_path, records, x)
+  figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4), squeeze=False)
+  styles = ("-", "--", ":")
+  for color, (run, (records, to_x)) in enumerate(read.items()):
     for axis, (_, _, metrics) in zip(axes[0], PANELS):
       for style, (name, label) in zip(styles, metrics):
         steps, values = series(records, name)
